@@ -1,0 +1,293 @@
+"""The ``zsdb3kd`` command: a thin layer, one library call per subcommand.
+
+``main(argv=None) -> int`` so tests call it directly. Errors a user can act on
+(bad paths, shapes, budgets, configs) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_USAGE = 2
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _kv(text: str) -> dict:
+    """``k=v,k2=v2`` with numbers parsed: estimator options."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="fashion-mnist", help="dataset: mnist, fashion-mnist, cifar10, folder, npz")
+    p.add_argument("--data-root", default=None, help="dataset directory (or .npz file); default per dataset")
+    p.add_argument("--val-size", type=int, default=5000, help="training images held out for model selection")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="zsdb3kd", description="Distil a label-only teacher into a student (DB3KD / ZSDB3KD).")
+    ap.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run or resume a whole experiment from a TOML config")
+    p.add_argument("config", help="experiment file, e.g. configs/fashion-mnist/db3kd/lenet5-half_from_lenet5.toml")
+    p.add_argument("--run-dir", default=None, help="where artifacts go (default runs/<name>)")
+    p.add_argument("--force", action="store_true", help="accept a run directory that holds another configuration")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("train-teacher", help="train a registry model with cross-entropy")
+    _add_data(p)
+    _add_common(p)
+    p.add_argument("--arch", default="lenet5")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+
+    p = sub.add_parser("robustness", help="boundary distances (SD/BD/MBD) of samples to every other class")
+    _add_data(p)
+    _add_common(p)
+    p.add_argument("--teacher", required=True, help="teacher weights (.safetensors/.pt) or .onnx")
+    p.add_argument("--arch", default=None, help="architecture of a plain .pt state_dict teacher")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--subset", type=int, default=None, help="number of samples (deterministic under --seed)")
+    p.add_argument("--method", default="mbd", help="sd, bd or mbd (paper settings)")
+    p.add_argument("--budget", type=int, default=20000, help="queries per (sample, target) pair")
+    p.add_argument("--checkpoints", type=_ints, default=None, help="budgets to record, e.g. 1000,2000,4000")
+    p.add_argument("--options", type=_kv, default={}, help="estimator options, e.g. k=100,n_dirs=50")
+    p.add_argument("--chunk-size", type=int, default=128)
+    p.add_argument("--query-budget", type=int, default=None, help="total teacher queries allowed")
+    p.add_argument("--out", required=True, help="result file (.safetensors); <out>.parts/ keeps chunks for resume")
+
+    p = sub.add_parser("soft-labels", help="teacher logits from a robustness file")
+    p.add_argument("robustness", help="file written by 'zsdb3kd robustness'")
+    p.add_argument("--budget", type=int, default=None, help="use distances at this many queries per pair")
+    p.add_argument("--temperature", type=float, default=20.0)
+    p.add_argument("--out", required=True, help=".safetensors with logits (N, K), soft (N, K), indices, labels")
+
+    p = sub.add_parser("distill", help="train a student: ce, whitebox-kd or from soft labels")
+    _add_data(p)
+    _add_common(p)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--method", default="soft", choices=["ce", "whitebox-kd", "soft"])
+    p.add_argument("--robustness", default=None, help="robustness file (method soft)")
+    p.add_argument("--budget", type=int, default=None, help="queries per pair at which to read distances")
+    p.add_argument("--subset", type=int, default=None, help="training images (method ce/whitebox-kd)")
+    p.add_argument("--student", default="lenet5-half")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=20.0)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("evaluate", help="test accuracy of a weights file or ONNX model")
+    _add_data(p)
+    p.add_argument("model")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("export-onnx", help="export weights to ONNX (to serve or test as a black box)")
+    p.add_argument("weights")
+    p.add_argument("--out", required=True)
+
+    sub.add_parser("list-models", help="registered architectures")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from .data import DataError
+    from .oracle import QueryBudgetExceeded
+    from .pipeline import ConfigError
+    from .weights import WeightsError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, DataError, WeightsError, QueryBudgetExceeded, FileNotFoundError, ValueError) as e:
+        print(f"zsdb3kd {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"zsdb3kd {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _progress(args) -> bool | None:
+    return False if getattr(args, "no_progress", False) else None
+
+
+def _cmd_run(args) -> int:
+    from .pipeline import run_experiment
+
+    report = run_experiment(args.config, args.run_dir, progress=_progress(args), force=args.force)
+    for r in report["students"]:
+        print(f"{r['method']:>14}  test {r['test_acc']:6.2f}%  queries {r.get('total_queries') or '-'}")
+    return 0
+
+
+def _cmd_train_teacher(args) -> int:
+    from .distill import TrainConfig
+    from .pipeline import load_splits, train_teacher
+
+    splits = load_splits(args.data, args.data_root, args.val_size, args.seed)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    m = train_teacher(splits, args.arch, args.out, cfg, device=args.device, progress=_progress(args))
+    print(f"{args.arch}: val {m['val_acc']:.2f}%  test {m['test_acc']:.2f}%  -> {args.out}")
+    return 0
+
+
+def _cmd_robustness(args) -> int:
+    import torch
+
+    from .data import load_dataset
+    from .oracle import load_oracle
+    from .pipeline import choose_subset, load_splits
+    from .robustness import CandidatePool, RobustnessSettings, compute_robustness
+    from .robustness.engine import PAPER_CHECKPOINTS, cleanup_parts
+    from .weights import file_sha256
+
+    oracle = load_oracle(args.teacher, device=args.device, budget=args.query_budget, arch=args.arch)
+    splits = load_splits(args.data, args.data_root, args.val_size, args.seed)
+    src = splits.train if args.split == "train" else splits.test
+    idx = choose_subset(len(src), args.subset, args.seed) if args.subset else torch.arange(len(src))
+    x = src.x[idx]
+    cps = tuple(args.checkpoints) if args.checkpoints else tuple(c for c in PAPER_CHECKPOINTS if c <= args.budget)
+    settings = RobustnessSettings(method=args.method, budget=args.budget, checkpoints=cps, seed=args.seed,
+                                  chunk_size=args.chunk_size, options=args.options)
+    pool = CandidatePool(splits.train.x.to(args.device), splits.train.y.to(args.device))
+    out = Path(args.out)
+    parts = out.with_name(out.name + ".parts")
+    res = compute_robustness(oracle, x.to(args.device), settings, pool=pool, indices=idx, work_dir=parts,
+                             progress=_progress(args),
+                             provenance={"teacher": args.teacher, "teacher_sha256": file_sha256(args.teacher),
+                                         "data": src.name, "split": args.split})
+    res.save(out)
+    cleanup_parts(parts)
+    d = res.distances[:, :, -1]
+    finite = d[torch.isfinite(d)]
+    print(f"{len(idx)} samples, median distance {finite.median():.4f} at {settings.budget} queries/pair, "
+          f"{res.total_queries:,} queries, {res.provenance['queries_per_s']:,.0f} q/s -> {out}")
+    return 0
+
+
+def _cmd_soft_labels(args) -> int:
+    from safetensors.torch import save_file
+
+    from .robustness import RobustnessResult
+    from .softlabels import logits_from_distances, soft_targets
+
+    res = RobustnessResult.load(args.robustness)
+    budget = args.budget or int(res.checkpoints[-1])
+    z = logits_from_distances(res.at(budget), res.teacher_labels)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"logits": z.contiguous(), "soft": soft_targets(z, args.temperature).contiguous(),
+               "indices": res.indices.contiguous(), "teacher_labels": res.teacher_labels.contiguous()}, args.out,
+              metadata={"format": "zsdb3kd-soft-labels", "budget": str(budget), "temperature": str(args.temperature),
+                        "source": str(args.robustness)})
+    print(f"{z.shape[0]} soft labels at {budget} queries/pair -> {args.out}")
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    import torch
+
+    from .distill import TrainConfig
+    from .oracle import load_oracle
+    from .pipeline import choose_subset, distill_student, load_splits, teacher_logits_whitebox
+    from .robustness import RobustnessResult
+    from .softlabels import logits_from_distances
+
+    splits = load_splits(args.data, args.data_root, args.val_size, args.seed)
+    tl = None
+    if args.method == "soft":
+        if not args.robustness:
+            raise ValueError("--method soft needs --robustness FILE (from 'zsdb3kd robustness')")
+        res = RobustnessResult.load(args.robustness)
+        idx = res.indices
+        if res.provenance.get("split", "train") != "train" or int(idx.max()) >= len(splits.train):
+            raise ValueError(f"{args.robustness} does not index this training split (same --data/--val-size/--seed?)")
+        tl = logits_from_distances(res.at(args.budget or int(res.checkpoints[-1])), res.teacher_labels)
+    else:
+        idx = choose_subset(len(splits.train), args.subset, args.seed) if args.subset else torch.arange(len(splits.train))
+    sub = splits.train.subset(idx)
+    y = sub.y
+    if args.method == "ce":
+        y = load_oracle(args.teacher, device=args.device)(sub.x.to(args.device)).cpu()
+    elif args.method == "whitebox-kd":
+        tl = teacher_logits_whitebox(args.teacher, sub.x, args.device)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, temperature=args.temperature,
+                      seed=args.seed)
+    m = distill_student(args.student, sub.x, y, (splits.val.x, splits.val.y), (splits.test.x, splits.test.y), cfg,
+                        args.out, teacher_logits=tl, num_classes=len(splits.train.classes), device=args.device,
+                        desc=f"student[{args.method}]", progress=_progress(args), extra={"method": args.method})
+    print(f"{args.student} ({args.method}): val {m['val_acc']:.2f}%  test {m['test_acc']:.2f}%  -> {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .data import load_dataset
+    from .oracle import load_oracle
+
+    test = load_dataset(args.data, args.data_root, "test")
+    oracle = load_oracle(args.model, device=args.device)
+    acc = float((oracle(test.x.to(args.device)).cpu() == test.y).float().mean() * 100)
+    print(f"{args.model}: test accuracy {acc:.2f}% on {len(test)} images of {test.name}")
+    return 0
+
+
+def _cmd_export_onnx(args) -> int:
+    from .export import export_onnx
+
+    path = export_onnx(args.weights, args.out)
+    print(f"-> {path}")
+    return 0
+
+
+def _cmd_list_models(args) -> int:
+    from .models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "train-teacher": _cmd_train_teacher,
+    "robustness": _cmd_robustness,
+    "soft-labels": _cmd_soft_labels,
+    "distill": _cmd_distill,
+    "evaluate": _cmd_evaluate,
+    "export-onnx": _cmd_export_onnx,
+    "list-models": _cmd_list_models,
+}

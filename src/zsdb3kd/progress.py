@@ -1,0 +1,64 @@
+"""Progress reporting for long, query-bound jobs: items done, queries/s and ETA."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+
+class QueryProgress:
+    """A progress bar over work items that also shows the teacher's query rate.
+
+    ``enabled=None`` shows the bar only on an interactive terminal; otherwise a plain
+    line is printed every ``log_every`` seconds so that logs still show progress.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "sample", enabled: bool | None = None,
+                 initial: int = 0, log_every: float = 30.0) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.total, self.desc, self.unit = total, desc, unit
+        self.done = initial
+        self.n_queries = 0
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+        self.log_every = log_every
+        self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+                         smoothing=0.1) if self.enabled else None
+
+    @property
+    def rate(self) -> float:
+        return self.n_queries / max(time.perf_counter() - self.t0, 1e-9)
+
+    def queries(self, n: int) -> None:
+        self.n_queries += n
+        now = time.perf_counter()
+        if now - self._last >= 0.5:
+            self._last = now
+            if self._bar is not None:
+                self._bar.set_postfix_str(f"{self.rate:,.0f} q/s, {self.n_queries:,} queries", refresh=True)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self._last >= self.log_every or self.done >= self.total:
+            self._last = now
+            elapsed = now - self.t0
+            eta = elapsed / max(self.done, 1) * (self.total - self.done)
+            rate = f"{self.rate:,.0f} q/s, {self.n_queries:,} queries, " if self.n_queries else ""
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit}s, {rate}{elapsed:.0f}s elapsed, "
+                  f"ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> "QueryProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

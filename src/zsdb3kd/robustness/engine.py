@@ -1,0 +1,276 @@
+"""Sample robustness for a whole set of samples: chunked, resumable, with provenance.
+
+:func:`compute_robustness` labels each sample with the teacher (1 query per sample), then
+for every *other* class ``t`` runs the chosen estimator on the pair (sample, ``t``),
+relative to the teacher's own label (METHOD.md section 8: never against the teacher's
+own class). Pairs of ``chunk_size`` samples are searched together, all targets at once.
+
+Each finished chunk is written to ``<out>.parts/`` at once, so an interrupted run (even
+``kill -9``) resumes from the last finished chunk; chunk ``i`` always uses the random
+seed ``(seed, i)``, so a resumed run equals an uninterrupted one. The result file holds
+the distances at every checkpoint budget, the queries per pair and the provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..oracle import LabelOracle
+from ..progress import QueryProgress
+from .estimators import ESTIMATORS, BoundaryDistance, CandidatePool, Estimator, SampleDistance, SignOPT
+from .tracker import PairTracker
+
+PAPER_CHECKPOINTS = (1000, 2000, 4000, 6000, 8000, 10000, 12000, 14000, 16000, 18000, 20000)
+
+
+@dataclass(frozen=True)
+class RobustnessSettings:
+    """What to compute. ``method`` names a preset of :data:`PRESETS`; ``options`` override
+    its estimator arguments; ``budget`` is per (sample, target) pair."""
+
+    method: str = "mbd"
+    budget: int = 20000
+    checkpoints: tuple[int, ...] = PAPER_CHECKPOINTS
+    seed: int = 0
+    chunk_size: int = 128
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in PRESETS:
+            raise ValueError(f"unknown robustness method {self.method!r}; known: {', '.join(sorted(PRESETS))}")
+        if self.budget < 1:
+            raise ValueError(f"budget must be >= 1 query per pair, got {self.budget}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if any(c < 1 for c in self.checkpoints):
+            raise ValueError(f"checkpoints must be positive, got {self.checkpoints}")
+
+    @property
+    def all_checkpoints(self) -> tuple[int, ...]:
+        return tuple(sorted({c for c in self.checkpoints if c <= self.budget} | {self.budget}))
+
+    def estimator(self) -> Estimator:
+        return PRESETS[self.method](**self.options)
+
+    def key(self) -> str:
+        """Content hash of everything that changes the numbers."""
+        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _paper_mbd(n_dirs: int = 201, tol: float = 1e-5, **kw: Any) -> Estimator:
+    return SignOPT(init=BoundaryDistance(n=n_dirs, tol=tol), **kw)
+
+
+#: Named estimator presets: ``sd``/``bd``/``mbd`` are the paper's released settings.
+PRESETS: dict[str, Any] = {
+    "sd": SampleDistance,
+    "bd": BoundaryDistance,
+    "mbd": _paper_mbd,
+}
+
+
+@dataclass
+class RobustnessResult:
+    """Distances of ``N`` samples to each of ``K`` classes.
+
+    ``distances``: ``(N, K, B)`` best L2 distance within each checkpoint budget
+    (``nan`` for the sample's own class, ``inf`` where no boundary point was found);
+    ``queries``: ``(N, K)`` queries spent per pair; ``teacher_labels``: ``(N,)``;
+    ``indices``: ``(N,)`` positions in the source dataset; ``checkpoints``: ``(B,)``.
+    """
+
+    distances: torch.Tensor
+    queries: torch.Tensor
+    teacher_labels: torch.Tensor
+    indices: torch.Tensor
+    checkpoints: torch.Tensor
+    provenance: dict[str, Any]
+
+    def at(self, budget: int) -> torch.Tensor:
+        """``(N, K)`` distances at the largest checkpoint ``<= budget``."""
+        ok = torch.nonzero(self.checkpoints <= budget).squeeze(1)
+        if ok.numel() == 0:
+            raise ValueError(f"no checkpoint <= {budget}; checkpoints are {self.checkpoints.tolist()}")
+        return self.distances[:, :, int(ok[-1])]
+
+    @property
+    def total_queries(self) -> int:
+        return int(self.provenance.get("total_queries", int(self.queries.sum()) + len(self.indices)))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(
+            {
+                "distances": self.distances.contiguous().cpu(),
+                "queries": self.queries.contiguous().cpu(),
+                "teacher_labels": self.teacher_labels.contiguous().cpu(),
+                "indices": self.indices.contiguous().cpu(),
+                "checkpoints": self.checkpoints.contiguous().cpu(),
+            },
+            str(tmp),
+            metadata={"format": "zsdb3kd-robustness", "provenance": json.dumps(self.provenance, sort_keys=True)},
+        )
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RobustnessResult":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"robustness file not found: {path}")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable robustness file: {e}") from e
+        if meta.get("format") != "zsdb3kd-robustness":
+            raise ValueError(f"{path} is not a zsdb3kd robustness file (format={meta.get('format')!r})")
+        return cls(provenance=json.loads(meta["provenance"]), **tensors)
+
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{chunk}".encode()).digest()[:7], "little")
+
+
+def robustness_chunk(
+    oracle: LabelOracle,
+    x: torch.Tensor,
+    settings: RobustnessSettings,
+    pool: CandidatePool | None,
+    generator: torch.Generator,
+    on_query=None,
+) -> dict[str, torch.Tensor]:
+    """Distances for one chunk of samples ``x`` ``(n, C, H, W)`` to every other class."""
+    n = x.shape[0]
+    K = oracle.num_classes
+    labels = oracle(x)  # the teacher's own labels: 1 query per sample
+    if on_query is not None:
+        on_query(n)
+    src = labels.repeat_interleave(K - 1)
+    offs = torch.arange(1, K, device=x.device).repeat(n)
+    tgt = (src + offs) % K  # every class except the teacher's own
+    rows = torch.arange(n, device=x.device).repeat_interleave(K - 1)
+    tracker = PairTracker(oracle, x[rows], src, tgt, settings.budget, settings.all_checkpoints, on_query)
+    settings.estimator()(tracker, pool, generator)
+    B = tracker.at.shape[1]
+    dist = torch.full((n, K, B), float("nan"))
+    dist[rows.cpu(), tgt.cpu()] = tracker.at.cpu()
+    q = torch.zeros(n, K, dtype=torch.long)
+    q[rows.cpu(), tgt.cpu()] = tracker.queries.cpu()
+    return {"distances": dist, "queries": q, "teacher_labels": labels.cpu()}
+
+
+def compute_robustness(
+    oracle: LabelOracle,
+    x: torch.Tensor,
+    settings: RobustnessSettings,
+    *,
+    pool: CandidatePool | None = None,
+    indices: torch.Tensor | None = None,
+    work_dir: str | os.PathLike | None = None,
+    provenance: dict[str, Any] | None = None,
+    progress: bool | None = None,
+) -> RobustnessResult:
+    """Boundary distances of every sample in ``x`` (``(N, C, H, W)``) to every other class.
+
+    Args:
+        oracle: the label-only teacher.
+        x: samples, on the device the search should run on.
+        settings: method, per-pair budget, checkpoints, seed, chunk size.
+        pool: images grouped by class for SD/BD/MBD initial directions.
+        indices: ``(N,)`` positions of ``x`` in its dataset (recorded in the output).
+        work_dir: where finished chunks are kept for resuming (``None``: no resume).
+        provenance: extra fields recorded in the result (teacher hash, dataset, ...).
+    """
+    N = x.shape[0]
+    if tuple(x.shape[1:]) != oracle.input_shape:
+        raise ValueError(f"samples have shape {tuple(x.shape[1:])}, the teacher expects {oracle.input_shape}")
+    if indices is None:
+        indices = torch.arange(N)
+    key = settings.key()
+    parts = Path(work_dir) if work_dir is not None else None
+    if parts is not None:
+        parts.mkdir(parents=True, exist_ok=True)
+        stamp = parts / "settings.json"
+        info = {"key": key, "settings": asdict(settings), "n": N,
+                "indices_sha": hashlib.sha256(indices.cpu().numpy().tobytes()).hexdigest()}
+        if stamp.exists():
+            old = json.loads(stamp.read_text())
+            if old.get("key") != key or old.get("indices_sha") != info["indices_sha"]:
+                raise ValueError(
+                    f"{parts} holds chunks of a different run (other settings or samples); "
+                    "delete it or choose another output path"
+                )
+        else:
+            stamp.write_text(json.dumps(info, indent=1, default=str))
+    n_chunks = (N + settings.chunk_size - 1) // settings.chunk_size
+    results: list[dict[str, torch.Tensor]] = []
+    q_before = oracle.queries
+    reused_queries = 0
+    t0 = time.perf_counter()
+    est_name = settings.method
+    with QueryProgress(N, f"robustness[{est_name}]", enabled=progress) as bar:
+        for c in range(n_chunks):
+            sl = slice(c * settings.chunk_size, min(N, (c + 1) * settings.chunk_size))
+            part = parts / f"chunk-{c:05d}.safetensors" if parts is not None else None
+            if part is not None and part.exists():
+                res = load_file(str(part))
+                reused_queries += int(res["queries"].sum()) + (sl.stop - sl.start)
+                results.append(res)
+                bar.advance(sl.stop - sl.start)
+                continue
+            gen = torch.Generator().manual_seed(_chunk_seed(settings.seed, c))
+            res = robustness_chunk(oracle, x[sl], settings, pool, gen, on_query=bar.queries)
+            if part is not None:
+                tmp = part.with_name(part.name + ".tmp")
+                save_file({k: v.contiguous() for k, v in res.items()}, str(tmp))
+                os.replace(tmp, part)
+            results.append(res)
+            bar.advance(sl.stop - sl.start)
+    wall = time.perf_counter() - t0
+    cat = {k: torch.cat([r[k] for r in results]) for k in results[0]} if results else {}
+    spent = oracle.queries - q_before
+    prov = dict(provenance or {})
+    prov.update(
+        settings=asdict(settings),
+        settings_key=key,
+        estimator=repr(settings.estimator()),
+        n_samples=N,
+        label_queries=N,
+        pair_queries=int(cat["queries"].sum()),
+        total_queries=int(cat["queries"].sum()) + N,
+        queries_this_session=spent,
+        queries_reused_from_chunks=reused_queries,
+        wall_time_s=round(wall, 3),
+        queries_per_s=round(spent / max(wall, 1e-9), 1),
+    )
+    prov = json.loads(json.dumps(prov, default=str))  # plain JSON types, as after a save/load
+    return RobustnessResult(
+        distances=cat["distances"],
+        queries=cat["queries"],
+        teacher_labels=cat["teacher_labels"],
+        indices=indices.cpu().long(),
+        checkpoints=torch.tensor(settings.all_checkpoints, dtype=torch.long),
+        provenance=prov,
+    )
+
+
+def cleanup_parts(work_dir: str | os.PathLike) -> None:
+    """Remove a finished run's chunk directory."""
+    shutil.rmtree(work_dir, ignore_errors=True)

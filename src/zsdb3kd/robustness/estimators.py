@@ -1,0 +1,382 @@
+"""Boundary-distance estimators (sample robustness, arXiv 2106.03310 section 3.2).
+
+Each estimator works on a batch of ``P`` problems held by a :class:`PairTracker`: problem
+``p`` asks how far ``x0[p]`` must move (L2) before the teacher's answer meets the
+criterion (``== target[p]``, or ``!= source[p]`` when untargeted). All state is kept as
+``(P,)`` / ``(P, D)`` tensors and masks; every loop is bounded by the per-problem budget
+and an iteration cap, so every search terminates. A problem that finds no adversarial
+point keeps distance ``inf`` (reported as "failed", never silently replaced).
+
+Estimators:
+
+* :class:`SampleDistance` (SD, 0 queries): distance to the nearest of ``n`` pool samples
+  of the target class.
+* :class:`BoundaryDistance` (BD): bisection along the directions to ``n`` pool samples of
+  the target class (or random directions), skipping directions that cannot beat the best.
+* :class:`SignOPT` (MBD): BD initialisation refined by the Sign-OPT zeroth-order
+  optimiser of Cheng et al. (arXiv 1909.10773), with per-problem step sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import Registry
+from .tracker import UNTARGETED, PairTracker
+
+ESTIMATORS: Registry["Estimator"] = Registry("estimator")
+
+_MAX_ELEMS = 1 << 24  # cap on probe-tensor elements built at once (64 MB of float32)
+
+
+@dataclass
+class SearchResult:
+    """Best direction found per problem: ``theta`` ``(P, D)`` unit vectors, ``lam`` ``(P,)``
+    step along it that reaches the criterion (``inf`` where none was found)."""
+
+    theta: torch.Tensor
+    lam: torch.Tensor
+
+
+class CandidatePool:
+    """Images grouped by class, from which initial search directions are drawn.
+
+    Args:
+        x: ``(M, C, H, W)`` images (training samples in DB3KD, pseudo samples in ZSDB3KD).
+        y: ``(M,)`` their classes.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"pool has {x.shape[0]} images but {y.shape[0]} labels")
+        self.flat = x.reshape(x.shape[0], -1)
+        self.y = y.long().to(x.device)
+        self.by_class = {int(c): torch.nonzero(self.y == c).squeeze(1) for c in torch.unique(self.y)}
+
+    def draw(self, target: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
+        """``(P, m)`` pool indices of class ``target[p]`` drawn without replacement where
+        possible (with replacement when the class has fewer than ``m``); ``-1`` where the
+        pool has no sample of that class."""
+        P = target.numel()
+        out = torch.full((P, m), -1, dtype=torch.long, device=self.flat.device)
+        for c in torch.unique(target).tolist():
+            rows = torch.nonzero(target == c).squeeze(1)
+            members = self.by_class.get(int(c))
+            if members is None or members.numel() == 0:
+                continue
+            n = members.numel()
+            if n >= m:
+                keys = torch.rand(rows.numel(), n, generator=generator, device="cpu")
+                pick = keys.topk(m, dim=1).indices.to(members.device)
+            else:
+                pick = torch.randint(n, (rows.numel(), m), generator=generator, device="cpu").to(members.device)
+            out[rows] = members[pick]
+        return out
+
+
+def _unit(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = v.norm(dim=-1, keepdim=True)
+    return v / n.clamp_min(1e-12), n.squeeze(-1)
+
+
+class Estimator:
+    """Base class: the public :meth:`__call__` validates, subclasses implement :meth:`_run`."""
+
+    name = "estimator"
+    needs_pool = False
+
+    def __call__(self, tracker: PairTracker, pool: CandidatePool | None, generator: torch.Generator) -> SearchResult:
+        if self.needs_pool and pool is None:
+            raise ValueError(f"estimator {self.name!r} needs a candidate pool of target-class samples")
+        if pool is not None and pool.flat.shape[1] != tracker.flat0.shape[1]:
+            raise ValueError(
+                f"pool images have {pool.flat.shape[1]} values, samples have {tracker.flat0.shape[1]}"
+            )
+        return self._run(tracker, pool, generator)
+
+    def _run(self, tracker: PairTracker, pool: CandidatePool | None, generator: torch.Generator) -> SearchResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+@ESTIMATORS.register("sd")
+class SampleDistance(Estimator):
+    """SD: L2 distance to the nearest of ``n`` random pool samples of the target class (0 queries)."""
+
+    name = "sd"
+    needs_pool = True
+
+    def __init__(self, n: int = 21) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self.n = n
+
+    def _run(self, tracker, pool, generator):
+        if bool((tracker.target == UNTARGETED).any()):
+            raise ValueError("SD is defined for targeted problems only")
+        cand = pool.draw(tracker.target, self.n, generator)
+        P, D = tracker.flat0.shape
+        best = torch.full((P,), float("inf"), device=tracker.device)
+        theta = torch.zeros(P, D, device=tracker.device)
+        for j in range(self.n):  # loop over candidates, vectorised over problems
+            ok = cand[:, j] >= 0
+            diff = pool.flat[cand[:, j].clamp_min(0)] - tracker.flat0
+            u, d = _unit(diff)
+            better = ok & (d > 0) & (d < best)
+            best = torch.where(better, d, best)
+            theta = torch.where(better[:, None], u, theta)
+        tracker.at[:] = best[:, None]  # known without a single query
+        return SearchResult(theta, best)
+
+
+@ESTIMATORS.register("bd")
+class BoundaryDistance(Estimator):
+    """BD: for each of ``n`` directions, bisect the step at which the criterion is met.
+
+    Directions point to pool samples of the target class (targeted) or are random
+    Gaussian (``random=True``, or when no pool is given: untargeted search). One query at
+    the current best step first tells whether a direction can improve; only then is it
+    bisected, down to ``tol`` (absolute, in L2 units). The candidate's own end point is
+    verified too, so a pool sample the teacher does not label ``target`` is skipped.
+    Every problem sends one query per engine step, so batches stay full.
+    """
+
+    name = "bd"
+
+    def __init__(self, n: int = 201, tol: float = 1e-5, random: bool = False) -> None:
+        if n < 1 or tol <= 0:
+            raise ValueError(f"need n >= 1 and tol > 0, got n={n}, tol={tol}")
+        self.n, self.tol, self.random = n, tol, random
+
+    def _run(self, tracker, pool, generator):
+        tr = tracker
+        P, D = tr.flat0.shape
+        dev = tr.device
+        use_random = self.random or pool is None
+        max_len = math.sqrt(D) * (tr.upper - tr.lower)  # box diameter
+        cand = None if use_random else pool.draw(tr.target, self.n, generator)
+        if use_random:
+            # one Gaussian direction per (problem, j), drawn lazily per j to bound memory
+            seeds = torch.randint(0, 2**62, (self.n,), generator=generator).tolist()
+
+        def load(ids: torch.Tensor, jj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if use_random:
+                out = torch.empty(ids.numel(), D, device=dev)
+                for j in torch.unique(jj).tolist():
+                    rows = torch.nonzero(jj == j).squeeze(1)
+                    g = torch.Generator(device="cpu").manual_seed(seeds[j])
+                    full = torch.randn(P, D, generator=g).to(dev)
+                    out[rows] = full[ids[rows]]
+                theta, _ = _unit(out)
+                return theta, torch.full((ids.numel(),), max_len, device=dev)
+            c = cand[ids, jj]
+            theta, dist = _unit(pool.flat[c.clamp_min(0)] - tr.flat0[ids])
+            dist = torch.where((c >= 0) & (dist > 1e-8), dist, torch.full_like(dist, float("inf")))
+            return theta, dist
+
+        best_lam = torch.full((P,), float("inf"), device=dev)
+        best_theta = torch.zeros(P, D, device=dev)
+        j = torch.zeros(P, dtype=torch.long, device=dev)
+        bisecting = torch.zeros(P, dtype=torch.bool, device=dev)
+        lo = torch.zeros(P, device=dev)
+        hi = torch.zeros(P, device=dev)
+        theta = torch.zeros(P, D, device=dev)
+        length = torch.zeros(P, device=dev)
+        reload = torch.ones(P, dtype=torch.bool, device=dev)
+        for _ in range(self.n * 80 + 10):  # hard cap; the budget normally ends it first
+            live = (j < self.n) & (tr.remaining() > 0)
+            reload &= live
+            if bool(reload.any()):
+                ids = torch.nonzero(reload).squeeze(1)
+                theta[ids], length[ids] = load(ids, j[ids])
+                reload[:] = False
+            # directions with no usable end point are skipped without a query
+            skip = live & ~bisecting & ~torch.isfinite(length)
+            if bool(skip.any()):
+                j[skip] += 1
+                reload |= skip
+                continue
+            if not bool(live.any()):
+                break
+            ids = torch.nonzero(live).squeeze(1)
+            checking = ~bisecting[ids]
+            lam = torch.where(checking, torch.minimum(best_lam[ids], length[ids]), (lo[ids] + hi[ids]) / 2)
+            adv = tr.query(ids, tr.x0[ids] + (lam[:, None] * theta[ids]).view_as(tr.x0[ids]))
+            # check step: adversarial -> start bisecting [0, lam]; else next direction
+            start = checking & adv
+            nxt = checking & ~adv
+            lo[ids[start]] = 0.0
+            hi[ids[start]] = lam[start]
+            bisecting[ids[start]] = True
+            # bisection step
+            bis = ~checking
+            hi[ids[bis & adv]] = lam[bis & adv]
+            lo[ids[bis & ~adv]] = lam[bis & ~adv]
+            fin_rows = ids[bisecting[ids] & ((hi[ids] - lo[ids]) <= self.tol)]
+            if fin_rows.numel():
+                better = hi[fin_rows] < best_lam[fin_rows]
+                upd = fin_rows[better & bisecting[fin_rows]]
+                best_lam[upd] = hi[upd]
+                best_theta[upd] = theta[upd]
+                bisecting[fin_rows] = False
+            done_dir = torch.cat([ids[nxt], fin_rows])
+            j[done_dir] += 1
+            reload[done_dir] = True
+        # a bisection cut short by the budget still holds a verified adversarial hi
+        cut = bisecting & (hi < best_lam)
+        best_lam[cut] = hi[cut]
+        best_theta[cut] = theta[cut]
+        return SearchResult(best_theta, best_lam)
+
+
+@ESTIMATORS.register("signopt")
+class SignOPT(Estimator):
+    """MBD: Sign-OPT refinement (arXiv 1909.10773) of a BD initialisation.
+
+    ``g(theta)`` is the smallest step along unit direction ``theta`` that meets the
+    criterion. Each iteration estimates the sign of its gradient from ``k`` random probes
+    at distance ``beta`` (one query each, at ``g(theta)``), then line-searches the step
+    ``alpha`` (doubling while ``g`` improves, else quartering), each candidate evaluated
+    by a local bracket (1% steps) and bisection to ``beta / 500``. When nothing improves,
+    ``alpha`` resets and ``beta`` shrinks tenfold. ``alpha`` and ``beta`` are per problem.
+    Stops at the per-problem budget.
+
+    Args:
+        init: the initialisation estimator (default: BD with 201 directions).
+        k: probes per gradient estimate.
+        alpha, beta: initial step size and probe radius.
+        ls_steps: cap on line-search candidates per phase.
+    """
+
+    name = "signopt"
+
+    def __init__(self, init: Estimator | None = None, k: int = 200, alpha: float = 0.2, beta: float = 1e-3,
+                 ls_steps: int = 15) -> None:
+        if k < 1 or alpha <= 0 or beta <= 0:
+            raise ValueError(f"need k >= 1, alpha > 0, beta > 0; got k={k}, alpha={alpha}, beta={beta}")
+        self.init = init if init is not None else BoundaryDistance()
+        self.k, self.alpha, self.beta, self.ls_steps = k, alpha, beta, ls_steps
+
+    def _run(self, tracker, pool, generator):
+        tr = tracker
+        start = self.init(tr, pool, generator)
+        theta, g = start.theta.clone(), start.lam.clone()
+        P, D = theta.shape
+        dev = tr.device
+        alpha = torch.full((P,), self.alpha, device=dev)
+        beta = torch.full((P,), self.beta, device=dev)
+        done = ~torch.isfinite(g)
+        max_iter = tr.budget // max(self.k, 1) + 2
+        for _ in range(max_iter):
+            act = ~done & (tr.remaining() >= self.k + 1)
+            done |= ~act
+            if not bool(act.any()):
+                break
+            ids = torch.nonzero(act).squeeze(1)
+            grad = self._sign_grad(tr, ids, theta[ids], g[ids], beta[ids], generator)
+            new_theta, new_g, new_alpha = self._line_search(tr, ids, theta[ids], g[ids], grad, alpha[ids], beta[ids])
+            stuck = new_g >= g[ids]
+            theta[ids], g[ids] = new_theta, new_g
+            alpha[ids] = new_alpha
+            small = stuck & (new_alpha < 1e-4)
+            alpha[ids[small]] = 1.0
+            beta[ids[small]] *= 0.1
+            done[ids[small & (beta[ids] < 1e-8)]] = True
+        return SearchResult(theta, g)
+
+    def _sign_grad(self, tr, ids, theta, g, beta, generator) -> torch.Tensor:
+        n, D = theta.shape
+        grad = torch.zeros_like(theta)
+        chunk = max(1, min(self.k, _MAX_ELEMS // max(1, n * D)))
+        for s in range(0, self.k, chunk):
+            kc = min(chunk, self.k - s)
+            u = torch.randn(n, kc, D, generator=generator).to(theta.device)
+            u = u / u.norm(dim=2, keepdim=True) * beta[:, None, None]
+            probe, _ = _unit(theta[:, None, :] + u)
+            x = tr.flat0[ids][:, None, :] + g[:, None, None] * probe
+            adv = tr.query(ids.repeat_interleave(kc), x.reshape(n * kc, *tr.x0.shape[1:]))
+            sign = torch.where(adv, -1.0, 1.0).view(n, kc, 1)
+            grad += (sign * u).sum(dim=1)
+        return grad
+
+    def _line_search(self, tr, ids, theta, g, grad, alpha, beta):
+        best_theta, best_g = theta.clone(), g.clone()
+        a = alpha.clone()
+        tol = beta / 500
+        grow = torch.ones_like(g, dtype=torch.bool)
+        for _ in range(self.ls_steps):
+            grow &= tr.remaining()[ids] > 0
+            if not bool(grow.any()):
+                break
+            r = torch.nonzero(grow).squeeze(1)
+            cand, _ = _unit(theta[r] - a[r, None] * grad[r])
+            cg = local_search(tr, ids[r], cand, best_g[r], tol[r])
+            imp = cg < best_g[r]
+            best_theta[r[imp]] = cand[imp]
+            best_g[r[imp]] = cg[imp]
+            a[r[imp]] *= 2
+            grow[r[~imp]] = False
+        a = torch.where(best_g < g, a / 2, a)  # last successful step
+        shrink = best_g >= g
+        for _ in range(self.ls_steps):
+            shrink &= tr.remaining()[ids] > 0
+            if not bool(shrink.any()):
+                break
+            r = torch.nonzero(shrink).squeeze(1)
+            a[r] *= 0.25
+            cand, _ = _unit(theta[r] - a[r, None] * grad[r])
+            cg = local_search(tr, ids[r], cand, g[r], tol[r])
+            imp = cg < g[r]
+            best_theta[r[imp]] = cand[imp]
+            best_g[r[imp]] = cg[imp]
+            shrink[r[imp]] = False
+        return best_theta, best_g, a
+
+
+def local_search(tr: PairTracker, ids: torch.Tensor, theta: torch.Tensor, cap: torch.Tensor, tol: torch.Tensor,
+                 shrink: float = 0.99, max_steps: int = 400) -> torch.Tensor:
+    """``g(theta)`` near ``cap`` for problems ``ids``: ``inf`` if the point at ``cap`` does not
+    meet the criterion (then ``g > cap``: no improvement), else bracket downwards in
+    ``shrink`` steps and bisect to ``tol``. Returns ``(n,)``; stops early (returning the
+    verified upper end) when a problem's budget runs out."""
+    n = ids.numel()
+    x0 = tr.flat0[ids]
+    shape = tr.x0.shape[1:]
+    out = torch.full((n,), float("inf"), device=theta.device)
+    ok = tr.remaining()[ids] > 0
+    if not bool(ok.any()):
+        return out
+    r = torch.nonzero(ok).squeeze(1)
+    adv = tr.query(ids[r], (x0[r] + cap[r, None] * theta[r]).view(-1, *shape))
+    hi = torch.full((n,), float("inf"), device=theta.device)
+    hi[r[adv]] = cap[r[adv]]
+    lo = hi * shrink
+    # bracket: move lo down while it is still adversarial
+    moving = torch.isfinite(hi)
+    for _ in range(max_steps):
+        moving &= tr.remaining()[ids] > 0
+        if not bool(moving.any()):
+            break
+        r = torch.nonzero(moving).squeeze(1)
+        adv = tr.query(ids[r], (x0[r] + lo[r, None] * theta[r]).view(-1, *shape))
+        hi[r[adv]] = lo[r[adv]]
+        lo[r[adv]] *= shrink
+        moving[r[~adv]] = False
+    active = torch.isfinite(hi) & (hi - lo > tol)
+    for _ in range(64):
+        active &= tr.remaining()[ids] > 0
+        if not bool(active.any()):
+            break
+        r = torch.nonzero(active).squeeze(1)
+        mid = (lo[r] + hi[r]) / 2
+        adv = tr.query(ids[r], (x0[r] + mid[:, None] * theta[r]).view(-1, *shape))
+        hi[r[adv]] = mid[adv]
+        lo[r[~adv]] = mid[~adv]
+        active &= hi - lo > tol
+    return hi

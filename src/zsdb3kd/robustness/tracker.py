@@ -1,0 +1,124 @@
+"""Per-(sample, target) query accounting for boundary searches.
+
+Every estimator talks to the teacher only through :meth:`PairTracker.query`. The tracker
+
+* asks the oracle (which counts the global total and enforces the global budget);
+* counts the queries of each *problem* (one (sample, target) pair) and refuses, with an
+  error, any call that would take a problem past its own budget, so estimators that
+  forget to stop fail loudly instead of overspending;
+* records, for every problem, the smallest L2 distance of any queried point that met the
+  criterion, *as a function of the number of queries spent*: ``at[p, k]`` is the best
+  distance found within the first ``checkpoints[k]`` queries of problem ``p``. A single
+  run therefore yields the whole distance-versus-queries curve, exactly.
+
+Distances are measured to the point actually sent (after clipping to the box).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..oracle import LabelOracle
+
+UNTARGETED = -1
+
+
+class PairTracker:
+    """Query gateway and bookkeeping for a batch of ``P`` boundary-search problems.
+
+    Args:
+        oracle: the label-only teacher.
+        x0: ``(P, C, H, W)`` starting points.
+        source: ``(P,)`` teacher label of each ``x0``.
+        target: ``(P,)`` target class, or ``UNTARGETED`` (-1): any label other than ``source``.
+        budget: queries allowed per problem.
+        checkpoints: increasing query counts at which the best distance is recorded; the
+            budget is appended if missing.
+        on_query: optional callback receiving the number of queries of each oracle call.
+    """
+
+    def __init__(
+        self,
+        oracle: LabelOracle,
+        x0: torch.Tensor,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        budget: int,
+        checkpoints: tuple[int, ...] = (),
+        on_query: Callable[[int], None] | None = None,
+    ) -> None:
+        if budget < 1:
+            raise ValueError(f"per-pair budget must be >= 1, got {budget}")
+        P = x0.shape[0]
+        if source.shape != (P,) or target.shape != (P,):
+            raise ValueError("source and target must have shape (P,)")
+        cps = sorted({int(c) for c in checkpoints if 0 < int(c) <= budget} | {int(budget)})
+        self.oracle = oracle
+        self.x0 = x0
+        self.flat0 = x0.reshape(P, -1)
+        self.source = source.long()
+        self.target = target.long()
+        self.budget = int(budget)
+        self.device = x0.device
+        self.checkpoints = torch.tensor(cps, dtype=torch.long, device=self.device)
+        self.queries = torch.zeros(P, dtype=torch.long, device=self.device)
+        self.at = torch.full((P, len(cps)), float("inf"), device=self.device)
+        self.on_query = on_query
+        self.lower, self.upper = oracle.bounds
+
+    @property
+    def num_problems(self) -> int:
+        return self.x0.shape[0]
+
+    @property
+    def best(self) -> torch.Tensor:
+        """``(P,)`` best distance found so far (within the budget)."""
+        return self.at[:, -1]
+
+    def remaining(self) -> torch.Tensor:
+        """``(P,)`` queries each problem may still make."""
+        return self.budget - self.queries
+
+    def clip(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(self.lower, self.upper)
+
+    def is_adversarial(self, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        tgt = self.target[idx]
+        return torch.where(tgt == UNTARGETED, labels != self.source[idx], labels == tgt)
+
+    @torch.no_grad()
+    def query(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Ask whether the points ``x`` (``(M, C, H, W)``, clipped here) meet their problems' criteria.
+
+        ``idx`` (``(M,)``) names the problem of each row; a problem may appear several times
+        (its rows are counted in order). Returns a bool tensor ``(M,)``.
+        """
+        M = idx.numel()
+        if M == 0:
+            return torch.zeros(0, dtype=torch.bool, device=self.device)
+        counts = torch.bincount(idx, minlength=self.num_problems)
+        if bool((self.queries + counts > self.budget).any()):
+            bad = int(torch.nonzero(self.queries + counts > self.budget)[0])
+            raise RuntimeError(
+                f"estimator bug: problem {bad} would exceed its per-pair budget of {self.budget}"
+            )
+        x = self.clip(x)
+        labels = self.oracle(x)
+        adv = self.is_adversarial(labels, idx)
+        # ordinal (1-based) of each row among its problem's queries, rows counted in order
+        order = torch.argsort(idx, stable=True)
+        sorted_idx = idx[order]
+        first = torch.searchsorted(sorted_idx, sorted_idx, right=False)
+        rank = torch.empty_like(idx)
+        rank[order] = torch.arange(M, device=self.device) - first
+        ordinal = self.queries[idx] + rank + 1
+        dist = (x.reshape(M, -1) - self.flat0[idx]).norm(dim=1)
+        ok = adv[:, None] & (ordinal[:, None] <= self.checkpoints[None, :])
+        vals = torch.where(ok, dist[:, None], torch.full_like(dist[:, None], float("inf")))
+        self.at.scatter_reduce_(0, idx[:, None].expand_as(vals), vals, reduce="amin")
+        self.queries += counts
+        if self.on_query is not None:
+            self.on_query(M)
+        return adv

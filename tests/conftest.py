@@ -1,0 +1,67 @@
+"""Tiny deterministic teachers shared by the tests.
+
+``LinearTeacher``: logits ``W x + b`` on small images, so the exact targeted boundary
+distance (with the [0, 1] box) is a small quadratic programme solved by scipy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from zsdb3kd.oracle import TorchOracle
+
+SHAPE = (1, 8, 8)
+D = 64
+K = 4
+
+
+class LinearTeacher(nn.Module):
+    def __init__(self, seed: int = 0, k: int = K) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(k, D, generator=g), requires_grad=False)
+        # biases chosen so that every class owns a good part of the box
+        self.b = nn.Parameter(-self.w.sum(1) * 0.5, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1) @ self.w.T + self.b
+
+
+def exact_distance(teacher: LinearTeacher, x0: torch.Tensor, t: int) -> float:
+    """min ||x - x0|| s.t. class t wins at x and 0 <= x <= 1 (SLSQP, tight tolerance)."""
+    from scipy.optimize import minimize
+
+    W = teacher.w.double().numpy()
+    b = teacher.b.double().numpy()
+    z0 = x0.reshape(-1).double().numpy()
+    cons = [
+        {"type": "ineq", "fun": (lambda z, j=j: (W[t] - W[j]) @ z + b[t] - b[j]), "jac": (lambda z, j=j: W[t] - W[j])}
+        for j in range(W.shape[0]) if j != t
+    ]
+    r = minimize(lambda z: ((z - z0) ** 2).sum(), z0, jac=lambda z: 2 * (z - z0), constraints=cons,
+                 bounds=[(0.0, 1.0)] * z0.size, method="SLSQP", options={"maxiter": 1000, "ftol": 1e-14})
+    assert r.success, r.message
+    return float(np.sqrt(r.fun))
+
+
+@pytest.fixture
+def linear_teacher() -> LinearTeacher:
+    return LinearTeacher()
+
+
+@pytest.fixture
+def linear_oracle(linear_teacher) -> TorchOracle:
+    return TorchOracle(linear_teacher, SHAPE, K)
+
+
+@pytest.fixture
+def linear_data(linear_teacher):
+    """(pool_x, pool_y) 400 images labelled by the linear teacher, and 12 probe samples."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(400, *SHAPE, generator=g)
+    with torch.no_grad():
+        y = linear_teacher(x).argmax(1)
+    return x, y

