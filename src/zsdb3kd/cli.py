@@ -180,7 +180,7 @@ def _cmd_robustness(args) -> int:
     oracle = load_oracle(args.teacher, device=args.device, budget=args.query_budget, arch=args.arch)
     splits = load_splits(args.data, args.data_root, args.val_size, args.seed)
     src = splits.train if args.split == "train" else splits.test
-    idx = choose_subset(len(src), args.subset, args.seed) if args.subset else torch.arange(len(src))
+    idx = choose_subset(len(src), args.subset, args.seed) if args.subset is not None else torch.arange(len(src))
     x = src.x[idx]
     cps = tuple(args.checkpoints) if args.checkpoints else tuple(c for c in PAPER_CHECKPOINTS if c <= args.budget)
     settings = RobustnessSettings(method=args.method, budget=args.budget, checkpoints=cps, seed=args.seed,
@@ -208,7 +208,7 @@ def _cmd_soft_labels(args) -> int:
     from .softlabels import logits_from_distances, soft_targets
 
     res = RobustnessResult.load(args.robustness)
-    budget = args.budget or int(res.checkpoints[-1])
+    budget = args.budget if args.budget is not None else int(res.checkpoints[-1])
     z = logits_from_distances(res.at(budget), res.teacher_labels)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file({"logits": z.contiguous(), "soft": soft_targets(z, args.temperature).contiguous(),
@@ -237,9 +237,9 @@ def _cmd_distill(args) -> int:
         idx = res.indices
         if res.provenance.get("split", "train") != "train" or int(idx.max()) >= len(splits.train):
             raise ValueError(f"{args.robustness} does not index this training split (same --data/--val-size/--seed?)")
-        tl = logits_from_distances(res.at(args.budget or int(res.checkpoints[-1])), res.teacher_labels)
+        tl = logits_from_distances(res.at(args.budget if args.budget is not None else int(res.checkpoints[-1])), res.teacher_labels)
     else:
-        idx = choose_subset(len(splits.train), args.subset, args.seed) if args.subset else torch.arange(len(splits.train))
+        idx = choose_subset(len(splits.train), args.subset, args.seed) if args.subset is not None else torch.arange(len(splits.train))
     sub = splits.train.subset(idx)
     y = sub.y
     if args.method == "ce":

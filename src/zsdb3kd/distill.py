@@ -43,7 +43,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if self.lr <= 0 or self.temperature <= 0:
+        if not self.lr > 0 or not self.temperature > 0:  # also rejects nan
             raise ValueError(f"lr and temperature must be > 0, got {self.lr}, {self.temperature}")
         if self.kl_reduction not in ("sum", "batchmean"):
             raise ValueError(f"kl_reduction must be 'sum' or 'batchmean', got {self.kl_reduction!r}")
@@ -70,6 +70,8 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: 
     Shapes: ``student_logits`` and ``teacher_logits`` ``(B, K)``, ``labels`` ``(B,)``.
     With ``teacher_logits=None`` this is plain cross-entropy.
     """
+    if reduction not in ("sum", "batchmean"):
+        raise ValueError(f"reduction must be 'sum' or 'batchmean', got {reduction!r}")
     loss = F.cross_entropy(student_logits, labels)
     if teacher_logits is not None and kl_weight != 0:
         log_p = F.log_softmax(student_logits / temperature, dim=1)

@@ -123,7 +123,7 @@ class LabelOracle(ABC):
             return torch.empty(0, dtype=torch.long, device=x.device)
         lo, hi = self.bounds
         # tolerance for float round-off only; anything further out is a caller bug
-        if bool((x < lo - 1e-6).any()) or bool((x > hi + 1e-6).any()):
+        if not bool(((x >= lo - 1e-6) & (x <= hi + 1e-6)).all()):  # also rejects nan
             raise ValueError(
                 f"oracle input outside bounds [{lo}, {hi}]: min {x.min().item():.4g}, "
                 f"max {x.max().item():.4g}; clip queries to the box before sending them"
@@ -135,6 +135,8 @@ class LabelOracle(ABC):
             labels = self._predict(chunk)
             if labels.shape != (chunk.shape[0],):
                 raise RuntimeError(f"teacher returned labels of shape {tuple(labels.shape)}")
+            if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+                raise RuntimeError(f"teacher returned a label outside [0, {self.num_classes})")
             out.append(labels.to(device=x.device, dtype=torch.long))
             self._queries += chunk.shape[0]
         return torch.cat(out)

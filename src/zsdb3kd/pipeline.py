@@ -198,6 +198,8 @@ def load_splits(name: str, root: str | None, val_size: int, seed: int) -> Splits
 
 def choose_subset(n_total: int, n: int, seed: int) -> torch.Tensor:
     """Sorted indices of ``n`` of ``n_total`` items, deterministic under ``seed``."""
+    if n < 1:
+        raise ConfigError(f"subset must be >= 1, got {n}")
     if n > n_total:
         raise ConfigError(f"subset of {n} requested but only {n_total} training images remain after the split")
     g = torch.Generator().manual_seed(seed + 7919)

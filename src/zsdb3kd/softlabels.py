@@ -45,6 +45,6 @@ def logits_from_distances(distances: torch.Tensor, labels: torch.Tensor) -> torc
 
 def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``softmax(logits / T)`` along the class dimension."""
-    if temperature <= 0:
+    if not temperature > 0:  # also rejects nan
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return torch.softmax(logits / temperature, dim=1)

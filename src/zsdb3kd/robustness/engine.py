@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..oracle import LabelOracle
 from ..progress import QueryProgress
-from .estimators import ESTIMATORS, BoundaryDistance, CandidatePool, Estimator, SampleDistance, SignOPT
+from .estimators import ESTIMATORS, BoundaryDistance, CandidatePool, Estimator, HopSkipJump, SampleDistance, SignOPT
 from .tracker import PairTracker
 
 PAPER_CHECKPOINTS = (1000, 2000, 4000, 6000, 8000, 10000, 12000, 14000, 16000, 18000, 20000)
@@ -54,6 +54,10 @@ class RobustnessSettings:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if any(c < 1 for c in self.checkpoints):
             raise ValueError(f"checkpoints must be positive, got {self.checkpoints}")
+        try:
+            self.estimator()
+        except TypeError as e:
+            raise ValueError(f"invalid options {self.options} for method {self.method!r}: {e}") from None
 
     @property
     def all_checkpoints(self) -> tuple[int, ...]:
@@ -72,11 +76,17 @@ def _paper_mbd(n_dirs: int = 201, tol: float = 1e-5, **kw: Any) -> Estimator:
     return SignOPT(init=BoundaryDistance(n=n_dirs, tol=tol), **kw)
 
 
-#: Named estimator presets: ``sd``/``bd``/``mbd`` are the paper's released settings.
+def _hsja(n_dirs: int = 20, init_tol: float = 1e-3, **kw: Any) -> Estimator:
+    return HopSkipJump(init=BoundaryDistance(n=n_dirs, tol=init_tol), **kw)
+
+
+#: Named estimator presets: ``sd``/``bd``/``mbd`` are the paper's released settings;
+#: ``hsja`` is our query-efficient HopSkipJump-style search.
 PRESETS: dict[str, Any] = {
     "sd": SampleDistance,
     "bd": BoundaryDistance,
     "mbd": _paper_mbd,
+    "hsja": _hsja,
 }
 
 

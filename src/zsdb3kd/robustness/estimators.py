@@ -149,10 +149,15 @@ class BoundaryDistance(Estimator):
 
     name = "bd"
 
-    def __init__(self, n: int = 201, tol: float = 1e-5, random: bool = False) -> None:
+    def __init__(self, n: int = 201, tol: float = 1e-5, random: bool = False, warm: torch.Tensor | None = None) -> None:
         if n < 1 or tol <= 0:
             raise ValueError(f"need n >= 1 and tol > 0, got n={n}, tol={tol}")
         self.n, self.tol, self.random = n, tol, random
+        #: optional ``(P, D)`` directions tried first (e.g. last iteration's best), then ``n - 1`` others
+        self.warm = warm
+
+    def __repr__(self) -> str:
+        return f"BoundaryDistance(n={self.n}, tol={self.tol}, random={self.random}, warm={self.warm is not None})"
 
     def _run(self, tracker, pool, generator):
         tr = tracker
@@ -165,7 +170,21 @@ class BoundaryDistance(Estimator):
             # one Gaussian direction per (problem, j), drawn lazily per j to bound memory
             seeds = torch.randint(0, 2**62, (self.n,), generator=generator).tolist()
 
+        warm = self.warm
+        if warm is not None and warm.shape != (P, D):
+            raise ValueError(f"warm directions must have shape ({P}, {D}), got {tuple(warm.shape)}")
+
         def load(ids: torch.Tensor, jj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if warm is not None:
+                first = jj == 0
+                theta, length = load_other(ids, (jj - 1).clamp_min(0))
+                w, _ = _unit(warm[ids].to(dev))
+                theta = torch.where(first[:, None], w, theta)
+                length = torch.where(first, torch.full_like(length, max_len), length)
+                return theta, length
+            return load_other(ids, jj)
+
+        def load_other(ids: torch.Tensor, jj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if use_random:
                 out = torch.empty(ids.numel(), D, device=dev)
                 for j in torch.unique(jj).tolist():
@@ -380,3 +399,117 @@ def local_search(tr: PairTracker, ids: torch.Tensor, theta: torch.Tensor, cap: t
         lo[r[~adv]] = mid[~adv]
         active &= hi - lo > tol
     return hi
+
+
+@ESTIMATORS.register("hsja")
+class HopSkipJump(Estimator):
+    """Targeted L2 HopSkipJump-style search (Chen, Jordan, Wainwright; arXiv 1904.02144).
+
+    From a BD initialisation (a few directions, coarse tolerance), repeat: estimate the
+    boundary's normal at the current boundary point ``x_b`` from ``n0 * sqrt(t)`` (at most
+    ``n_max``) random probes at radius ``delta`` (answers centred by their mean to reduce
+    variance), take a geometric step ``eps = ||x_b - x0|| / sqrt(t)`` along it (halved until
+    the point meets the criterion), then bisect on the segment from ``x0`` to that point
+    back to the boundary (relative tolerance ``tol``). Points on the segment between two
+    in-box points stay in the box, so no clipping distorts the geometry. Per-problem state
+    throughout; stops at the per-problem budget.
+    """
+
+    name = "hsja"
+
+    def __init__(self, init: Estimator | None = None, n0: int = 50, n_max: int = 400, tol: float = 1e-3,
+                 gamma: float = 1.0, step_tries: int = 12) -> None:
+        if n0 < 2 or n_max < n0 or not 0 < tol < 1:
+            raise ValueError(f"need 2 <= n0 <= n_max and 0 < tol < 1; got n0={n0}, n_max={n_max}, tol={tol}")
+        self.init = init if init is not None else BoundaryDistance(n=20, tol=1e-3)
+        self.n0, self.n_max, self.tol, self.gamma, self.step_tries = n0, n_max, tol, gamma, step_tries
+
+    def _run(self, tracker, pool, generator):
+        tr = tracker
+        start = self.init(tr, pool, generator)
+        P, D = start.theta.shape
+        dev = tr.device
+        x0 = tr.flat0
+        ok = torch.isfinite(start.lam)
+        lam = torch.where(ok, start.lam, torch.zeros_like(start.lam))
+        xb = x0 + lam[:, None] * start.theta
+        xb = xb.clamp(tr.lower, tr.upper)  # the point the init actually verified
+        dist = (xb - x0).norm(dim=1)
+        done = ~ok
+        t = torch.ones(P, device=dev)
+        for _ in range(tr.budget):  # every round costs >= 1 query, so this bound is never the limit
+            n_t = torch.clamp(self.n0 * t.sqrt(), max=self.n_max).long()
+            act = ~done & (tr.remaining() >= n_t + 2)
+            done |= ~act
+            if not bool(act.any()):
+                break
+            ids = torch.nonzero(act).squeeze(1)
+            grad = self._grad(tr, ids, xb[ids], dist[ids], n_t[ids], generator)
+            # geometric step search along the estimated normal (toward the target side)
+            eps = dist[ids] / t[ids].sqrt()
+            cand = xb[ids].clone()
+            pending = torch.ones(ids.numel(), dtype=torch.bool, device=dev)
+            for _ in range(self.step_tries):
+                pending &= tr.remaining()[ids] > 1
+                if not bool(pending.any()):
+                    break
+                r = torch.nonzero(pending).squeeze(1)
+                trial = (xb[ids[r]] + eps[r, None] * grad[r]).clamp(tr.lower, tr.upper)
+                adv = tr.query(ids[r], trial.view(-1, *tr.x0.shape[1:]))
+                cand[r[adv]] = trial[adv]
+                pending[r[adv]] = False
+                eps[r[~adv]] /= 2
+            # bisect on the segment x0 -> cand (cand meets the criterion; x0 does not)
+            lo = torch.zeros(ids.numel(), device=dev)
+            hi = torch.ones(ids.numel(), device=dev)
+            seg = cand - x0[ids]
+            active = ~pending
+            for _ in range(40):
+                active &= (hi - lo > self.tol) & (tr.remaining()[ids] > 0)
+                if not bool(active.any()):
+                    break
+                r = torch.nonzero(active).squeeze(1)
+                mid = (lo[r] + hi[r]) / 2
+                adv = tr.query(ids[r], (x0[ids[r]] + mid[:, None] * seg[r]).view(-1, *tr.x0.shape[1:]))
+                hi[r[adv]] = mid[adv]
+                lo[r[~adv]] = mid[~adv]
+            new_xb = x0[ids] + hi[:, None] * seg
+            new_d = (new_xb - x0[ids]).norm(dim=1)
+            better = ~pending & (new_d < dist[ids])
+            xb[ids[better]] = new_xb[better]
+            dist[ids[better]] = new_d[better]
+            t[ids] += 1
+        theta, lam_out = _unit(xb - x0)
+        lam_out = torch.where(ok, lam_out, torch.full_like(lam_out, float("inf")))
+        return SearchResult(theta, lam_out)
+
+    def _grad(self, tr, ids, xb, dist, n_t, generator) -> torch.Tensor:
+        """Unit estimate of the boundary normal at ``xb`` pointing into the criterion side.
+
+        ``sum_k (phi_k - mean(phi)) u_k`` is accumulated as ``sum phi u - mean * sum u`` so
+        the probes never need to be held in memory all at once."""
+        n, D = xb.shape
+        delta = self.gamma * dist.clamp_min(1e-6) / D**0.5  # sqrt(D) * (gamma / D^1.5) * dist
+        kmax = int(n_t.max())
+        s_phi_u = torch.zeros_like(xb)
+        s_u = torch.zeros_like(xb)
+        s_phi = torch.zeros(n, device=xb.device)
+        chunk = max(1, min(kmax, _MAX_ELEMS // max(1, n * D)))
+        for s in range(0, kmax, chunk):
+            kc = min(chunk, kmax - s)
+            u = torch.randn(n, kc, D, generator=generator).to(xb.device)
+            u = u / u.norm(dim=2, keepdim=True)
+            use = torch.arange(s, s + kc, device=xb.device)[None, :] < n_t[:, None]  # (n, kc)
+            rows = use.nonzero()
+            probe = (xb[rows[:, 0]] + delta[rows[:, 0], None] * u[rows[:, 0], rows[:, 1]]).clamp(tr.lower, tr.upper)
+            adv = tr.query(ids[rows[:, 0]], probe.view(-1, *tr.x0.shape[1:]))
+            phi = torch.zeros(n, kc, device=xb.device)
+            phi[rows[:, 0], rows[:, 1]] = torch.where(adv, 1.0, -1.0)
+            u = u * use[..., None]
+            s_phi_u += (phi[..., None] * u).sum(1)
+            s_u += u.sum(1)
+            s_phi += phi.sum(1)
+        mean = s_phi / n_t.float()
+        mean = torch.where(mean.abs() < 1, mean, torch.zeros_like(mean))  # all answers equal: no centring
+        g, _ = _unit(s_phi_u - mean[:, None] * s_u)
+        return g

@@ -1,0 +1,275 @@
+"""KD loss golden values and the training loop: determinism, model selection, validation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from zsdb3kd.distill import TrainConfig, accuracy, kd_loss, predict, train
+
+SHAPE = (1, 4, 4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and a busy machine makes 2-thread OpenMP spin badly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------
+# kd_loss
+# ---------------------------------------------------------------------------------------
+
+
+def _np_log_softmax(a: np.ndarray) -> np.ndarray:
+    a = a - a.max(1, keepdims=True)
+    return a - np.log(np.exp(a).sum(1, keepdims=True))
+
+
+def _np_kd(s, y, z, T, w, reduction):
+    s, z = np.asarray(s, np.float64), np.asarray(z, np.float64)
+    ce = -_np_log_softmax(s)[np.arange(len(y)), y].mean()
+    logq = _np_log_softmax(z / T)
+    logp = _np_log_softmax(s / T)
+    kl = (np.exp(logq) * (logq - logp)).sum()
+    if reduction == "batchmean":
+        kl /= len(y)
+    return ce + w * kl
+
+
+def test_kd_loss_by_hand_uniform_student():
+    # student uniform over 2 classes; teacher softmax(z/T) = (3/4, 1/4)
+    T = 4.0
+    s = torch.zeros(2, 2)
+    y = torch.tensor([0, 1])
+    z = torch.tensor([[T * math.log(3.0), 0.0], [T * math.log(3.0), 0.0]])
+    ce = math.log(2.0)
+    kl_row = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert kd_loss(s, y, z, T).item() == pytest.approx(ce + 2 * kl_row, rel=1e-6)  # summed over the batch
+    assert kd_loss(s, y, z, T, reduction="batchmean").item() == pytest.approx(ce + kl_row, rel=1e-6)
+    assert kd_loss(s, y, z, T, kl_weight=0.5).item() == pytest.approx(ce + kl_row, rel=1e-6)
+    assert kd_loss(s, y, None, T).item() == pytest.approx(ce, rel=1e-6)
+    assert kd_loss(s, y, z, T, kl_weight=0.0).item() == pytest.approx(ce, rel=1e-6)
+
+
+def test_kd_loss_zero_kl_when_student_equals_teacher():
+    s = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]])
+    y = torch.tensor([2, 1])
+    ce = torch.nn.functional.cross_entropy(s, y).item()
+    assert kd_loss(s, y, s.clone(), 7.0).item() == pytest.approx(ce, abs=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+@pytest.mark.parametrize("T, w", [(1.0, 1.0), (20.0, 1.0), (3.0, 0.25)])
+def test_kd_loss_matches_numpy_reference(reduction, T, w):
+    rng = np.random.default_rng(int(T * 10 + w * 100))
+    s = rng.normal(size=(5, 4)) * 3
+    z = rng.normal(size=(5, 4)) * 5
+    y = rng.integers(0, 4, size=5)
+    got = kd_loss(torch.tensor(s, dtype=torch.float64), torch.tensor(y), torch.tensor(z, dtype=torch.float64),
+                  T, kl_weight=w, reduction=reduction)
+    assert got.item() == pytest.approx(_np_kd(s, y, z, T, w, reduction), rel=1e-9)
+
+
+def test_kd_loss_has_no_temperature_squared_factor():
+    s = torch.tensor([[0.0, 1.0]])
+    z = torch.tensor([[5.0, -5.0]])
+    y = torch.tensor([0])
+    for T in (2.0, 10.0):
+        assert kd_loss(s, y, z, T).item() == pytest.approx(_np_kd(s.numpy(), [0], z.numpy(), T, 1.0, "sum"), rel=1e-6)
+
+
+def test_kd_loss_plain_ce_without_teacher():
+    s = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]])
+    y = torch.tensor([0, 2])
+    expected = -np.mean([_np_log_softmax(s.numpy().astype(np.float64))[i, c] for i, c in enumerate([0, 2])])
+    assert kd_loss(s, y, None, 20.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_loss_gradient_flows_to_student_only():
+    s = torch.randn(3, 4, requires_grad=True)
+    z = torch.randn(3, 4, requires_grad=True)
+    kd_loss(s, torch.tensor([0, 1, 2]), z.detach(), 2.0).backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------
+# TrainConfig
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [dict(epochs=0), dict(batch_size=0), dict(lr=0.0), dict(lr=-1.0),
+                                dict(temperature=0.0), dict(kl_reduction="mean")])
+def test_train_config_validation(kw):
+    with pytest.raises(ValueError):
+        TrainConfig(**kw)
+
+
+# ---------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------
+
+
+def _linear_problem(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, generator=torch.Generator().manual_seed(123))
+    x = torch.rand(n, *SHAPE, generator=g)
+    score = x.reshape(n, -1) @ w
+    y = (score > score.median()).long() if n > 1 else (score > 0).long()
+    # a margin keeps the problem comfortably separable
+    keep = (score - score.median()).abs() > 0.15
+    return x[keep], y[keep]
+
+
+def _mlp(seed: int = 0, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 2))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    x, y = _linear_problem(900, seed=0)
+    xv, yv = _linear_problem(400, seed=1)
+    return x, y, xv, yv
+
+
+def test_train_is_deterministic_under_seed(problem):
+    x, y, xv, yv = problem
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=1e-2, seed=5)
+    tl = torch.randn(len(x), 2, generator=torch.Generator().manual_seed(2))
+    runs = [train(_mlp(dropout=0.3), x, y, xv, yv, cfg, teacher_logits=tl, progress=False) for _ in range(2)]
+    a, b = runs
+    assert a.state_dict.keys() == b.state_dict.keys()
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+    assert [h["val_acc"] for h in a.history] == [h["val_acc"] for h in b.history]
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert a.best_epoch == b.best_epoch
+    # the seed matters: another one shuffles differently
+    c = train(_mlp(dropout=0.3), x, y, xv, yv, TrainConfig(epochs=4, batch_size=32, lr=1e-2, seed=6),
+              teacher_logits=tl, progress=False)
+    assert any(not torch.equal(a.state_dict[k], c.state_dict[k]) for k in a.state_dict)
+
+
+def _check_selection(model, res, xv, yv):
+    accs = [h["val_acc"] for h in res.history]
+    assert [h["epoch"] for h in res.history] == list(range(len(accs)))
+    assert res.best_epoch == int(np.argmax(accs))  # first epoch with the best accuracy
+    assert res.best_val_acc == max(accs)
+    # the returned state (and the model, which is left in it) reproduces that accuracy
+    fresh = _mlp(seed=99)
+    fresh.load_state_dict(res.state_dict)
+    assert accuracy(fresh, xv, yv) == pytest.approx(res.best_val_acc, abs=1e-9)
+    assert accuracy(model, xv, yv) == pytest.approx(res.best_val_acc, abs=1e-9)
+    return accs
+
+
+def test_selects_best_validation_epoch_not_the_last(problem):
+    # training labels are the opposite of the validation labels: validation accuracy falls
+    # as training proceeds, so the best epoch is early and the last is much worse
+    x, y, xv, yv = problem
+    model = _mlp(seed=1)
+    res = train(model, x, 1 - y, xv, yv, TrainConfig(epochs=6, batch_size=64, lr=3e-3, seed=0), progress=False)
+    accs = _check_selection(model, res, xv, yv)
+    assert res.best_epoch < len(accs) - 1
+    assert accs[-1] < res.best_val_acc - 10
+
+
+def test_selects_best_validation_epoch_not_the_first(problem):
+    x, y, xv, yv = problem
+    model = _mlp(seed=2)
+    res = train(model, x, y, xv, yv, TrainConfig(epochs=12, batch_size=64, lr=3e-3, seed=0), progress=False)
+    accs = _check_selection(model, res, xv, yv)
+    assert res.best_epoch > 0 and accs[0] < res.best_val_acc
+    # the tiny linearly separable problem is learned
+    assert res.best_val_acc > 90.0
+    assert accuracy(model, x, y) > 90.0
+
+
+def test_returned_state_is_a_copy(problem):
+    x, y, xv, yv = problem
+    model = _mlp()
+    res = train(model, x, y, xv, yv, TrainConfig(epochs=1, batch_size=128, seed=0), progress=False)
+    before = {k: v.clone() for k, v in res.state_dict.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for k, v in res.state_dict.items():
+        assert torch.equal(v, before[k])
+
+
+def test_teacher_logits_are_aligned_with_samples(problem):
+    # labels are pure noise; only the teacher logits (aligned row by row with x) carry the
+    # class, with a heavy KL weight the student must learn it from them
+    x, y, xv, yv = problem
+    noise = torch.randint(0, 2, (len(x),), generator=torch.Generator().manual_seed(3))
+    tl = torch.nn.functional.one_hot(y, 2).float() * 6.0 - 3.0
+    model = _mlp(seed=3)
+    res = train(model, x, noise, xv, yv, TrainConfig(epochs=12, batch_size=64, lr=3e-3, temperature=1.0,
+                                                     kl_weight=1.0, kl_reduction="batchmean", seed=0),
+                teacher_logits=tl, progress=False)
+    assert res.best_val_acc > 85.0
+    # same noise labels without the teacher: nothing to learn
+    res0 = train(_mlp(seed=3), x, noise, xv, yv, TrainConfig(epochs=12, batch_size=64, lr=3e-3, seed=0),
+                 progress=False)
+    assert res0.history[-1]["val_acc"] < 75.0
+
+
+def test_rejects_empty_validation(problem):
+    x, y, _, _ = problem
+    with pytest.raises(ValueError, match="validation"):
+        train(_mlp(), x, y, x[:0], y[:0], TrainConfig(epochs=1), progress=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_rejects_non_finite_teacher_logits(problem, bad):
+    x, y, xv, yv = problem
+    tl = torch.zeros(len(x), 2)
+    tl[len(x) // 2, 1] = bad
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="non-finite"):
+        train(model, x, y, xv, yv, TrainConfig(epochs=1), teacher_logits=tl, progress=False)
+    for k, v in model.state_dict().items():  # refused before any step
+        assert torch.equal(v, before[k])
+
+
+def test_rejects_mismatched_shapes(problem):
+    x, y, xv, yv = problem
+    with pytest.raises(ValueError):
+        train(_mlp(), x, y[:-1], xv, yv, TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError):
+        train(_mlp(), x, y, xv, yv, TrainConfig(epochs=1), teacher_logits=torch.zeros(len(x) - 1, 2), progress=False)
+
+
+def test_batchnorm_batch_of_one_is_skipped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    x, y = _linear_problem(40, seed=4)
+    n = (len(x) // 4) * 4 + 1  # last batch holds one sample
+    x, y = x[:n], y[:n]
+    res = train(model, x, y, x, y, TrainConfig(epochs=2, batch_size=4, seed=0), progress=False)
+    assert len(res.history) == 2 and all(math.isfinite(h["loss"]) for h in res.history)
+
+
+def test_predict_and_accuracy():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    model.train()
+    x = torch.rand(10, *SHAPE)
+    out = predict(model, x, batch=3)
+    assert out.shape == (10, 3)
+    assert model.training  # mode restored
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+    y = out.argmax(1)
+    assert accuracy(model, x, y, batch=4) == 100.0
+    assert accuracy(model, x, (y + 1) % 3) == 0.0
+    with pytest.raises(ValueError):
+        accuracy(model, x[:0], y[:0])
