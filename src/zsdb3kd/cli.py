@@ -131,11 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataError
     from .oracle import QueryBudgetExceeded
     from .pipeline import ConfigError
+    from .synthesis import SynthesisError
     from .weights import WeightsError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, DataError, WeightsError, QueryBudgetExceeded, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, WeightsError, QueryBudgetExceeded, SynthesisError, FileNotFoundError,
+            ValueError) as e:
         print(f"zsdb3kd {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

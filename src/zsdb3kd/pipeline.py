@@ -82,11 +82,31 @@ class StudentConfig:
     temperature: float = 20.0
     kl_weight: float = 1.0
     kl_reduction: str = "sum"
+    val_fraction: float = 0.1  # zero-shot: share of pseudo samples held out for selection
+    noise_samples: int | None = None  # zero-shot noise baseline size (default: the zero-shot query total)
+    noise_cap: int = 100_000
+
+
+@dataclass
+class SynthesisConfig:
+    """Zero-shot pseudo samples (see :class:`zsdb3kd.synthesis.SynthesisSettings`)."""
+
+    per_class: int = 200
+    iterations: int = 10
+    snapshots: list[int] = field(default_factory=lambda: [0, 2, 5, 10])
+    step: float = 0.5
+    search_budget: int = 300
+    search_dirs: int = 4
+    search_k: int = 40
+    noise: str = "mixed"
+    noise_budget: int = 2_000_000
+    noise_batch: int = 2000
 
 
 @dataclass
 class RunConfig:
     name: str = "experiment"
+    mode: str = "db3kd"  # or "zero-shot"
     seed: int = 0
     device: str = "cpu"
     query_budget: int | None = None  # total teacher queries allowed for the whole run
@@ -94,6 +114,7 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
 def _build(cls, raw: dict[str, Any], where: str):
@@ -129,6 +150,8 @@ def load_config(path: str | os.PathLike) -> RunConfig:
 
 
 def validate_config(cfg: RunConfig) -> None:
+    if cfg.mode not in ("db3kd", "zero-shot"):
+        raise ConfigError(f"mode must be 'db3kd' or 'zero-shot', got {cfg.mode!r}")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {cfg.device!r}")
     if cfg.data.subset < 1 or cfg.data.val_size < 1:
@@ -137,13 +160,18 @@ def validate_config(cfg: RunConfig) -> None:
         if m not in PRESETS:
             raise ConfigError(f"robustness.methods: unknown method {m!r}; known: {sorted(PRESETS)}")
     for spec in cfg.student.methods:
-        parse_student_method(spec, cfg.robustness)
+        parse_student_method(spec, cfg)
 
 
-def parse_student_method(spec: str, rob: RobustnessConfig) -> tuple[str, int | None]:
-    """``"ce"``, ``"whitebox-kd"`` or ``"<robustness method>[@<queries per pair>]"``."""
-    if spec in ("ce", "whitebox-kd"):
+def parse_student_method(spec: str, cfg: RunConfig) -> tuple[str, int | None]:
+    """Baselines (db3kd: ``ce``, ``whitebox-kd``; zero-shot: ``noise-ce``, ``zs-ce``) or
+    ``"<robustness method>[@<queries per pair>]"``."""
+    rob = cfg.robustness
+    baselines = ("ce", "whitebox-kd") if cfg.mode == "db3kd" else ("noise-ce", "zs-ce")
+    if spec in baselines:
         return spec, None
+    if spec in ("ce", "whitebox-kd", "noise-ce", "zs-ce"):
+        raise ConfigError(f"student method {spec!r} is not available in mode {cfg.mode!r}; baselines: {baselines}")
     method, _, b = spec.partition("@")
     if method not in rob.methods:
         raise ConfigError(f"student method {spec!r}: {method!r} is not among robustness.methods {rob.methods}")
@@ -276,147 +304,269 @@ def queries_at(result: RobustnessResult, budget: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def run_experiment(config: RunConfig | str | os.PathLike, run_dir: str | os.PathLike | None = None, *,
-                   progress: bool | None = None, force: bool = False) -> dict[str, Any]:
-    """Run (or resume) a DB3KD experiment; returns the report rows and writes the report."""
-    cfg = config if isinstance(config, RunConfig) else load_config(config)
-    validate_config(cfg)
+def _prepare_run(cfg: RunConfig, run_dir, force: bool) -> Path:
     run = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
     run.mkdir(parents=True, exist_ok=True)
-    resolved = asdict(cfg)
+    resolved = json.loads(json.dumps(asdict(cfg), default=str))
     stamp = run / "config.resolved.json"
     if stamp.exists() and not force:
         old = json.loads(stamp.read_text())
-        if old != json.loads(json.dumps(resolved, default=str)):
+        if old != resolved:
             raise ConfigError(
                 f"{run} holds a run with a different configuration ({stamp}); choose another run directory "
                 "or pass --force to replace its report (finished stages are still reused by content)"
             )
     _write_json(stamp, resolved)
-    device = cfg.device
+    return run
+
+
+def _stage_teacher(cfg: RunConfig, run: Path, progress) -> tuple[Path, dict[str, Any]]:
+    """The teacher file: given (``teacher.path``) or trained here on the real training data.
+
+    Training the teacher is the model owner's job; it is the only stage that may read the
+    training data in a zero-shot run."""
+    if cfg.teacher.path:
+        path = Path(cfg.teacher.path)
+        if not path.is_file():
+            raise ConfigError(f"teacher.path {path} does not exist")
+        return path, {"path": str(path)}
+    tcfg = TrainConfig(epochs=cfg.teacher.epochs, lr=cfg.teacher.lr, batch_size=cfg.teacher.batch_size, seed=cfg.seed)
+    splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.val_size, cfg.seed)
+    skey = _key("teacher", splits.fingerprint, cfg.teacher.arch, asdict(tcfg))
+    path = run / f"teacher-{cfg.teacher.arch}-{skey}.safetensors"
+    mpath = path.with_suffix(".json")
+    if path.exists() and mpath.exists():
+        log(f"teacher: reusing {path.name}")
+        return path, json.loads(mpath.read_text())
+    log(f"teacher: training {cfg.teacher.arch} for {cfg.teacher.epochs} epochs")
+    metrics = train_teacher(splits, cfg.teacher.arch, path, tcfg, device=cfg.device, progress=progress)
+    _write_json(mpath, metrics)
+    return path, metrics
+
+
+def _stage_robustness(oracle: LabelOracle, method: str, x: torch.Tensor, indices: torch.Tensor,
+                      pool: CandidatePool, cfg: RunConfig, run: Path, teacher_sha: str, data_key: str,
+                      data_name: str, progress) -> tuple[RobustnessResult, Path]:
+    settings = RobustnessSettings(
+        method=method, budget=cfg.robustness.budget, checkpoints=tuple(cfg.robustness.checkpoints),
+        seed=cfg.seed, chunk_size=cfg.robustness.chunk_size, options=cfg.robustness.options.get(method, {}))
+    rkey = _key("robustness", teacher_sha, data_key, indices.tolist(), settings.key())
+    out = run / f"robustness-{method}-{rkey}.safetensors"
+    if out.exists():
+        log(f"robustness[{method}]: reusing {out.name}")
+        return RobustnessResult.load(out), out
+    log(f"robustness[{method}]: {len(x)} samples x {oracle.num_classes - 1} targets, "
+        f"budget {settings.budget} queries per pair")
+    parts = out.with_name(out.name + ".parts")
+    res = compute_robustness(oracle, x.to(cfg.device), settings, pool=pool, indices=indices, work_dir=parts,
+                             progress=progress,
+                             provenance={"teacher_sha256": teacher_sha, "data": data_name, "data_key": data_key})
+    res.save(out)
+    from .robustness.engine import cleanup_parts
+
+    cleanup_parts(parts)
+    return res, out
+
+
+def _student_config(cfg: RunConfig) -> TrainConfig:
+    return TrainConfig(epochs=cfg.student.epochs, lr=cfg.student.lr, batch_size=cfg.student.batch_size,
+                       temperature=cfg.student.temperature, kl_weight=cfg.student.kl_weight,
+                       kl_reduction=cfg.student.kl_reduction, seed=cfg.seed)
+
+
+def _soft_row(method: str, budget: int, res: RobustnessResult, extra_queries: int = 0) -> tuple[dict, torch.Tensor]:
+    d = res.at(budget)
+    tl = logits_from_distances(d, res.teacher_labels)
+    frac = queries_at(res, budget) / max(1, res.total_queries)
+    failed = int((torch.isinf(d)).sum())
+    row = {"queries_per_pair": budget if method != "sd" else 0,
+           "total_queries": (queries_at(res, budget) if method != "sd" else len(res.indices)) + extra_queries,
+           "soft_label_time_s": round(res.provenance.get("wall_time_s", 0.0) * frac, 1),
+           "failed_pairs": failed}
+    return row, tl
+
+
+def _train_row(spec: str, run: Path, cfg: RunConfig, key_parts: list, make_inputs, val, test, num_classes: int,
+               progress) -> dict[str, Any]:
+    """Train (or reuse) one student; ``make_inputs()`` -> (x, y, teacher_logits) is only called when needed."""
+    scfg = _student_config(cfg)
+    skey = _key("student", spec, cfg.student.arch, asdict(scfg), *key_parts)
+    out = run / f"student-{spec.replace('@', '-')}-{skey}.safetensors"
+    mpath = out.with_suffix(".json")
+    if mpath.exists() and out.exists():
+        log(f"student[{spec}]: reusing {out.name}")
+        return json.loads(mpath.read_text())
+    x, y, tl = make_inputs()
+    log(f"student[{spec}]: training {cfg.student.arch} on {len(x)} images for {cfg.student.epochs} epochs")
+    metrics = distill_student(cfg.student.arch, x, y, val, test, scfg, out, teacher_logits=tl,
+                              num_classes=num_classes, device=cfg.device, desc=f"student[{spec}]",
+                              progress=progress, extra={"method": spec})
+    _write_json(mpath, metrics)
+    log(f"student[{spec}]: val {metrics['val_acc']:.2f}%  test {metrics['test_acc']:.2f}%")
+    return metrics
+
+
+def run_experiment(config: RunConfig | str | os.PathLike, run_dir: str | os.PathLike | None = None, *,
+                   progress: bool | None = None, force: bool = False) -> dict[str, Any]:
+    """Run (or resume) an experiment (``mode`` db3kd or zero-shot); writes and returns the report."""
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    validate_config(cfg)
+    run = _prepare_run(cfg, run_dir, force)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
+    teacher_path, teacher_metrics = _stage_teacher(cfg, run, progress)
+    teacher_sha = file_sha256(teacher_path)
+    if cfg.mode == "zero-shot":
+        report, extras = _run_zero_shot(cfg, run, teacher_path, teacher_sha, teacher_metrics, progress)
+    else:
+        report, extras = _run_db3kd(cfg, run, teacher_path, teacher_sha, teacher_metrics, progress)
+    report["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    write_report(run, report, extras)
+    return report
 
-    # -- data ---------------------------------------------------------------------------
+
+def _teacher_test_acc(oracle: LabelOracle, test: ImageSet, metrics: dict[str, Any]) -> float:
+    if "test_acc" in metrics:
+        return float(metrics["test_acc"])
+    # a given teacher: measured once with a separate, uncounted oracle so the run's budget is untouched
+    return _oracle_accuracy(oracle, test)
+
+
+def _run_db3kd(cfg, run, teacher_path, teacher_sha, teacher_metrics, progress):
+    device = cfg.device
     log(f"loading {cfg.data.name}")
     splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.val_size, cfg.seed)
     num_classes = len(splits.train.classes)
-
-    # -- teacher ------------------------------------------------------------------------
-    tcfg = TrainConfig(epochs=cfg.teacher.epochs, lr=cfg.teacher.lr, batch_size=cfg.teacher.batch_size, seed=cfg.seed)
-    if cfg.teacher.path:
-        teacher_path = Path(cfg.teacher.path)
-        if not teacher_path.is_file():
-            raise ConfigError(f"teacher.path {teacher_path} does not exist")
-        teacher_metrics = {"path": str(teacher_path)}
-    else:
-        tkey = _key("teacher", splits.fingerprint, cfg.teacher.arch, asdict(tcfg))
-        teacher_path = run / f"teacher-{cfg.teacher.arch}-{tkey}.safetensors"
-        tmetrics_path = teacher_path.with_suffix(".json")
-        if teacher_path.exists() and tmetrics_path.exists():
-            log(f"teacher: reusing {teacher_path.name}")
-            teacher_metrics = json.loads(tmetrics_path.read_text())
-        else:
-            log(f"teacher: training {cfg.teacher.arch} for {cfg.teacher.epochs} epochs")
-            teacher_metrics = train_teacher(splits, cfg.teacher.arch, teacher_path, tcfg, device=device,
-                                            progress=progress)
-            _write_json(tmetrics_path, teacher_metrics)
-    teacher_sha = file_sha256(teacher_path)
-    oracle = load_oracle(teacher_path, device=device, budget=cfg.query_budget)
-    if "test_acc" not in teacher_metrics or cfg.teacher.path:
-        teacher_metrics["test_acc"] = _oracle_accuracy(oracle, splits.test)
-        oracle._queries = 0  # evaluating the teacher is not part of the distillation budget  # noqa: SLF001
+    teacher_metrics["test_acc"] = _teacher_test_acc(load_oracle(teacher_path, device=device), splits.test,
+                                                    teacher_metrics)
     log(f"teacher test accuracy {teacher_metrics['test_acc']:.2f}%")
-
-    # -- distillation subset and candidate pool -----------------------------------------
+    oracle = load_oracle(teacher_path, device=device, budget=cfg.query_budget)
     sub_idx = choose_subset(len(splits.train), cfg.data.subset, cfg.seed)
     sub = splits.train.subset(sub_idx)
     pool = CandidatePool(splits.train.x.to(device), splits.train.y.to(device))
-
-    # -- soft labels (robustness) -------------------------------------------------------
+    needed = {parse_student_method(s, cfg)[0] for s in cfg.student.methods}
     results: dict[str, tuple[RobustnessResult, Path]] = {}
-    needed = {parse_student_method(s, cfg.robustness)[0] for s in cfg.student.methods} - {"ce", "whitebox-kd"}
     for method in cfg.robustness.methods:
-        if method not in needed:
-            continue
-        settings = RobustnessSettings(
-            method=method, budget=cfg.robustness.budget, checkpoints=tuple(cfg.robustness.checkpoints),
-            seed=cfg.seed, chunk_size=cfg.robustness.chunk_size, options=cfg.robustness.options.get(method, {}))
-        rkey = _key("robustness", teacher_sha, splits.fingerprint, sub_idx.tolist(), settings.key())
-        out = run / f"robustness-{method}-{rkey}.safetensors"
-        if out.exists():
-            log(f"robustness[{method}]: reusing {out.name}")
-            res = RobustnessResult.load(out)
-        else:
-            log(f"robustness[{method}]: {len(sub)} samples x {num_classes - 1} targets, "
-                f"budget {settings.budget} queries per pair")
-            res = compute_robustness(
-                oracle, sub.x.to(device), settings, pool=pool, indices=sub_idx,
-                work_dir=out.with_name(out.name + ".parts"), progress=progress,
-                provenance={"teacher": str(teacher_path), "teacher_sha256": teacher_sha, "data": sub.name,
-                            "data_fingerprint": splits.fingerprint})
-            res.save(out)
-            from .robustness.engine import cleanup_parts
-
-            cleanup_parts(out.with_name(out.name + ".parts"))
-        results[method] = (res, out)
-
-    # -- students -----------------------------------------------------------------------
-    scfg = TrainConfig(epochs=cfg.student.epochs, lr=cfg.student.lr, batch_size=cfg.student.batch_size,
-                       temperature=cfg.student.temperature, kl_weight=cfg.student.kl_weight,
-                       kl_reduction=cfg.student.kl_reduction, seed=cfg.seed)
+        if method in needed:
+            results[method] = _stage_robustness(oracle, method, sub.x, sub_idx, pool, cfg, run, teacher_sha,
+                                                splits.fingerprint, sub.name, progress)
+    val, test = (splits.val.x, splits.val.y), (splits.test.x, splits.test.y)
     rows = []
     for spec in cfg.student.methods:
-        method, budget = parse_student_method(spec, cfg.robustness)
-        skey = _key("student", spec, cfg.student.arch, asdict(scfg), teacher_sha, splits.fingerprint,
-                    sub_idx.tolist(), str(results[method][1].name) if method in results else None)
-        out = run / f"student-{spec.replace('@', '-')}-{skey}.safetensors"
-        mpath = out.with_suffix(".json")
-        row: dict[str, Any] = {"method": spec}
+        method, budget = parse_student_method(spec, cfg)
+        key_parts = [teacher_sha, splits.fingerprint, sub_idx.tolist()]
         if method == "ce":
-            labels = oracle(sub.x.to(device)).cpu() if not mpath.exists() else None
-            row.update(queries_per_pair=0, total_queries=len(sub), label="hard labels (teacher)")
-            y, tl = labels, None
+            row = {"method": spec, "label": "hard labels (teacher)", "queries_per_pair": 0,
+                   "total_queries": len(sub)}
+            make = lambda: (sub.x, oracle(sub.x.to(device)).cpu(), None)  # noqa: E731
         elif method == "whitebox-kd":
-            row.update(queries_per_pair=None, total_queries=None, label="white-box KD (upper bound, needs logits)")
-            y, tl = sub.y, (teacher_logits_whitebox(teacher_path, sub.x, device) if not mpath.exists() else None)
+            row = {"method": spec, "label": "white-box KD (upper bound: needs the teacher's logits)",
+                   "queries_per_pair": None, "total_queries": None}
+            make = lambda: (sub.x, sub.y, teacher_logits_whitebox(teacher_path, sub.x, device))  # noqa: E731
         else:
-            res, _ = results[method]
-            d = res.at(budget)
-            tl = logits_from_distances(d, res.teacher_labels)
-            y = sub.y
-            mean_q = float(res.queries.clamp(max=budget).sum() / max(1, (res.queries > 0).sum()))
-            frac = queries_at(res, budget) / max(1, res.total_queries)
-            failed = int((~torch.isfinite(d) & ~torch.isnan(d)).sum())
-            row.update(queries_per_pair=budget if method != "sd" else 0, mean_queries_per_pair=round(mean_q, 1),
-                       total_queries=queries_at(res, budget) if method != "sd" else len(sub),
-                       soft_label_time_s=round(res.provenance.get("wall_time_s", 0.0) * frac, 1),
-                       failed_pairs=failed, label=f"DB3KD-{method.upper()}")
-        if mpath.exists():
-            log(f"student[{spec}]: reusing {out.name}")
-            metrics = json.loads(mpath.read_text())
-        else:
-            log(f"student[{spec}]: training {cfg.student.arch} for {cfg.student.epochs} epochs")
-            metrics = distill_student(cfg.student.arch, sub.x, y, (splits.val.x, splits.val.y),
-                                      (splits.test.x, splits.test.y), scfg, out, teacher_logits=tl,
-                                      num_classes=num_classes, device=device, desc=f"student[{spec}]",
-                                      progress=progress, extra={"method": spec})
-            _write_json(mpath, metrics)
-        row.update(metrics)
+            res, rpath = results[method]
+            extra, tl = _soft_row(method, budget, res)
+            row = {"method": spec, "label": f"DB3KD-{method.upper()}", **extra}
+            key_parts.append(rpath.name)
+            make = lambda tl=tl: (sub.x, sub.y, tl)  # noqa: E731
+        row.update(_train_row(spec, run, cfg, key_parts, make, val, test, num_classes, progress))
         rows.append(row)
-        log(f"student[{spec}]: val {metrics['val_acc']:.2f}%  test {metrics['test_acc']:.2f}%")
-
     report = {
-        "name": cfg.name,
+        "name": cfg.name, "mode": "db3kd",
         "teacher": {**teacher_metrics, "sha256": teacher_sha, "path": str(teacher_path)},
         "data": {"name": cfg.data.name, "subset": len(sub), "val": len(splits.val), "test": len(splits.test)},
         "robustness": {m: {k: r.provenance.get(k) for k in ("total_queries", "wall_time_s", "queries_per_s")}
                        for m, (r, _) in results.items()},
         "students": rows,
-        "wall_time_s": round(time.perf_counter() - t_start, 1),
     }
-    write_report(run, report, results)
-    return report
+    return report, {}
+
+
+def _run_zero_shot(cfg, run, teacher_path, teacher_sha, teacher_metrics, progress):
+    """ZSDB3KD: nothing after the teacher stage sees real training data (only the test
+    set, once per student, for the final accuracy)."""
+    from .synthesis import PseudoSamples, SynthesisSettings, synthesize
+
+    device = cfg.device
+    test = load_dataset(cfg.data.name, cfg.data.root, "test")
+    num_classes = len(test.classes)
+    teacher_metrics["test_acc"] = _teacher_test_acc(load_oracle(teacher_path, device=device), test, teacher_metrics)
+    log(f"teacher test accuracy {teacher_metrics['test_acc']:.2f}%")
+    oracle = load_oracle(teacher_path, device=device, budget=cfg.query_budget)
+    sy = cfg.synthesis
+    ss = SynthesisSettings(per_class=sy.per_class, iterations=sy.iterations, snapshots=tuple(sy.snapshots),
+                           step=sy.step, search_budget=sy.search_budget, search_dirs=sy.search_dirs,
+                           search_k=sy.search_k, noise=sy.noise, noise_budget=sy.noise_budget, noise_batch=sy.noise_batch,
+                           seed=cfg.seed)
+    pkey = _key("synthesis", teacher_sha, ss.key())
+    ppath = run / f"pseudo-{pkey}.safetensors"
+    if ppath.exists():
+        log(f"synthesis: reusing {ppath.name}")
+        pseudo = PseudoSamples.load(ppath)
+    else:
+        log(f"synthesis: {sy.per_class} x {num_classes} pseudo samples, {sy.iterations} rounds")
+        pseudo = synthesize(oracle, ss, device=device, work_dir=ppath.with_name(ppath.name + ".parts"),
+                            progress=progress)
+        pseudo.save(ppath)
+        import shutil
+
+        shutil.rmtree(ppath.with_name(ppath.name + ".parts"), ignore_errors=True)
+    q_syn = int(pseudo.provenance["total_queries"])
+    log(f"synthesis: {q_syn:,} queries; mean boundary distance {pseudo.mean_distance[0]:.3f} -> "
+        f"{pseudo.mean_distance[-1]:.3f}")
+    # held-out slice of the pseudo samples for model selection (stratified, deterministic)
+    tr_idx, va_idx = train_val_split(pseudo.y, cfg.student.val_fraction, cfg.seed)
+    px, py = pseudo.x[tr_idx], pseudo.y[tr_idx]
+    val = (pseudo.x[va_idx], pseudo.y[va_idx])
+    tst = (test.x, test.y)
+    pool = CandidatePool(px.to(device), py.to(device))  # initial directions: pseudo samples of the target class
+    needed = {parse_student_method(s, cfg)[0] for s in cfg.student.methods}
+    results: dict[str, tuple[RobustnessResult, Path]] = {}
+    for method in cfg.robustness.methods:
+        if method in needed:
+            results[method] = _stage_robustness(oracle, method, px, tr_idx, pool, cfg, run, teacher_sha, pkey,
+                                                f"pseudo-{pkey}", progress)
+    rows = []
+    max_total = q_syn
+    specs = [parse_student_method(s, cfg) + (s,) for s in cfg.student.methods]
+    for method, budget, spec in specs:
+        if method not in ("noise-ce", "zs-ce"):
+            max_total = max(max_total, _soft_row(method, budget, results[method][0], q_syn)[0]["total_queries"])
+    for method, budget, spec in specs:
+        key_parts = [teacher_sha, pkey]
+        if method == "zs-ce":
+            row = {"method": spec, "label": "pseudo samples, hard labels", "queries_per_pair": 0,
+                   "total_queries": q_syn}
+            make = lambda: (px, py, None)  # noqa: E731
+        elif method == "noise-ce":
+            n = cfg.student.noise_samples or min(max_total, cfg.student.noise_cap)
+            row = {"method": spec, "label": f"uniform noise, hard labels ({n:,} samples)", "queries_per_pair": 0,
+                   "total_queries": n}
+            key_parts.append(n)
+
+            def make(n=n):
+                g = torch.Generator().manual_seed(cfg.seed + 104729)
+                xs = torch.rand(n, *oracle.input_shape, generator=g)
+                return xs, oracle(xs.to(device)).cpu(), None
+        else:
+            res, rpath = results[method]
+            extra, tl = _soft_row(method, budget, res, q_syn)
+            row = {"method": spec, "label": f"ZSDB3KD-{method.upper()}", **extra}
+            key_parts.append(rpath.name)
+            make = lambda tl=tl: (px, py, tl)  # noqa: E731
+        row.update(_train_row(spec, run, cfg, key_parts, make, val, tst, num_classes, progress))
+        rows.append(row)
+    report = {
+        "name": cfg.name, "mode": "zero-shot",
+        "teacher": {**teacher_metrics, "sha256": teacher_sha, "path": str(teacher_path)},
+        "data": {"name": cfg.data.name, "subset": len(px), "val": len(va_idx), "test": len(test),
+                 "note": "subset/val are pseudo samples; no real training image or label is used"},
+        "synthesis": {**pseudo.provenance, "mean_distance": pseudo.mean_distance.tolist()},
+        "robustness": {m: {k: r.provenance.get(k) for k in ("total_queries", "wall_time_s", "queries_per_s")}
+                       for m, (r, _) in results.items()},
+        "students": rows,
+    }
+    return report, {"pseudo": pseudo, "classes": test.classes}
 
 
 def _oracle_accuracy(oracle: LabelOracle, test: ImageSet) -> float:
@@ -439,26 +589,45 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
-def write_report(run: Path, report: dict[str, Any], results: dict[str, tuple[RobustnessResult, Path]]) -> Path:
-    """``report.md`` (a table), ``report.json`` and ``accuracy_vs_queries.png`` in ``run``."""
+def write_report(run: Path, report: dict[str, Any], extras: dict[str, Any] | None = None) -> Path:
+    """``report.md`` (a table), ``report.json`` and plots in ``run``: accuracy against queries
+    per pair and, for zero-shot runs, pseudo-sample grids per snapshot and the distance curve."""
+    extras = extras or {}
     t = report["teacher"]
+    d = report["data"]
+    zero = report.get("mode") == "zero-shot"
+    if zero:
+        data_line = (f"Transfer set: {d['subset']:,} pseudo samples synthesised from noise (no real training data); "
+                     f"selection on {d['val']:,} held-out pseudo samples; test on {d['test']:,} real test images of "
+                     f"{d['name']}.")
+    else:
+        data_line = (f"Distillation subset: {d['subset']:,} training images of {d['name']}; selection on "
+                     f"{d['val']:,} held-out training images; test on {d['test']:,}.")
     lines = [
         f"# {report['name']}",
         "",
         f"Teacher `{t.get('arch', t.get('path'))}`: test accuracy {_fmt(t.get('test_acc'))}% "
-        f"(sha256 `{t['sha256'][:12]}`). Distillation subset: {report['data']['subset']:,} training images of "
-        f"{report['data']['name']}; selection on {report['data']['val']:,} held-out training images; "
-        f"test on {report['data']['test']:,}.",
+        f"(sha256 `{t['sha256'][:12]}`). {data_line}",
         "",
-        "| student | queries per pair | total teacher queries | soft-label time (s) | train time (s) | val acc (%) | test acc (%) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| student | method | queries per pair | total teacher queries | soft-label time (s) | train time (s) "
+        "| val acc (%) | test acc (%) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["students"]:
         lines.append(
-            f"| {r['method']} ({r.get('label', '')}) | {_fmt(r.get('queries_per_pair'))} | {_fmt(r.get('total_queries'))} | "
-            f"{_fmt(r.get('soft_label_time_s'), 1)} | {_fmt(r.get('train_time_s'), 1)} | {_fmt(r.get('val_acc'))} | "
-            f"{_fmt(r.get('test_acc'))} |")
-    lines += ["", "Engine throughput (teacher queries per second, whole soft-label stage):", ""]
+            f"| {r['method']} | {r.get('label', '')} | {_fmt(r.get('queries_per_pair'))} | "
+            f"{_fmt(r.get('total_queries'))} | {_fmt(r.get('soft_label_time_s'), 1)} | "
+            f"{_fmt(r.get('train_time_s'), 1)} | {_fmt(r.get('val_acc'))} | {_fmt(r.get('test_acc'))} |")
+    if zero:
+        syn = report["synthesis"]
+        md_curve = ", ".join(f"{v:.3f}" for v in syn["mean_distance"])
+        lines += ["", f"Synthesis: {syn['n']:,} pseudo samples, {_fmt(syn['queries_noise'])} queries for class noise "
+                  f"+ {_fmt(syn['queries_push'])} for boundary pushing = {_fmt(syn['total_queries'])} queries, "
+                  f"{_fmt(syn['wall_time_s'], 1)} s. Mean untargeted boundary distance per round: {md_curve}.", "",
+                  "![distance curve](synthesis_distance.png)", ""]
+        for it in sorted(extras.get("pseudo").snapshots) if extras.get("pseudo") is not None else []:
+            lines.append(f"![pseudo samples, round {it}](pseudo_round{it}.png)")
+    lines += ["", "Soft-label stage (teacher queries, wall time, queries per second):", ""]
     for m, info in report["robustness"].items():
         lines.append(f"- {m}: {_fmt(info.get('total_queries'))} queries, {_fmt(info.get('wall_time_s'), 1)} s, "
                      f"{_fmt(info.get('queries_per_s'), 0)} q/s")
@@ -468,8 +637,43 @@ def write_report(run: Path, report: dict[str, Any], results: dict[str, tuple[Rob
     md.write_text("\n".join(lines))
     _write_json(run / "report.json", report)
     _plot(run / "accuracy_vs_queries.png", report)
+    if zero and extras.get("pseudo") is not None:
+        _plot_synthesis(run, extras["pseudo"], extras.get("classes"))
     log(f"report: {md}")
     return md
+
+
+def _plot_synthesis(run: Path, pseudo, classes) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(range(len(pseudo.mean_distance)), pseudo.mean_distance.tolist(), "o-")
+    ax.set_xlabel("synthesis round")
+    ax.set_ylabel("mean untargeted boundary distance (L2)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run / "synthesis_distance.png", dpi=120)
+    plt.close(fig)
+    K = int(pseudo.y.max()) + 1
+    per = 8
+    for it, xs in pseudo.snapshots.items():
+        fig, axes = plt.subplots(K, per, figsize=(per * 0.8, K * 0.85))
+        for c in range(K):
+            members = torch.nonzero(pseudo.y == c).squeeze(1)[:per]
+            for j in range(per):
+                a = axes[c, j]
+                a.axis("off")
+                if j < members.numel():
+                    img = xs[members[j]]
+                    a.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+            axes[c, 0].set_title(str(classes[c]) if classes else str(c), fontsize=6, loc="left")
+        fig.suptitle(f"pseudo samples per class, round {it}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(run / f"pseudo_round{it}.png", dpi=100)
+        plt.close(fig)
 
 
 def _plot(path: Path, report: dict[str, Any]) -> None:
@@ -482,14 +686,16 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     curves: dict[str, list[tuple[int, float]]] = {}
     for r in report["students"]:
         name, _, _ = r["method"].partition("@")
-        if name in ("ce", "whitebox-kd", "sd"):
-            style = {"ce": ("k", ":"), "whitebox-kd": ("tab:green", "--"), "sd": ("tab:gray", "-.")}[name]
+        if name in ("ce", "whitebox-kd", "sd", "noise-ce", "zs-ce"):
+            style = {"ce": ("k", ":"), "whitebox-kd": ("tab:green", "--"), "sd": ("tab:gray", "-."),
+                     "noise-ce": ("tab:red", ":"), "zs-ce": ("k", "--")}[name]
             ax.axhline(r["test_acc"], color=style[0], ls=style[1], label=f"{r['method']} ({r['test_acc']:.2f}%)")
         else:
             curves.setdefault(name, []).append((r["queries_per_pair"], r["test_acc"]))
     for name, pts in curves.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"DB3KD-{name.upper()}")
+        prefix = "ZSDB3KD" if report.get("mode") == "zero-shot" else "DB3KD"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{prefix}-{name.upper()}")
     ax.set_xlabel("teacher queries per (sample, target) pair")
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(report["name"])

@@ -3,9 +3,8 @@
 No real data is read anywhere in this module: its only inputs are the label-only oracle
 and settings. Two stages:
 
-1. **Noise the teacher calls c** (rejection sampling): batches of
-   ``clip((U + 0.2) * s1 + N(0, 1) * s2, 0, 1)`` with per-sample scales ``s1, s2 ~ U(0, 1)``
-   are labelled, and each class keeps the first ``per_class`` samples it receives. A class
+1. **Noise the teacher calls c** (rejection sampling): batches of noise (the released
+   formula, low-frequency blobs, or both: :func:`draw_noise`) are labelled, and each class keeps the first ``per_class`` samples it receives. A class
    never hit within ``noise_budget`` queries is an error that reports every class's count.
 2. **Push away from every boundary**: for ``iterations`` rounds, the untargeted minimal
    boundary direction ``theta*`` of every sample is estimated (Sign-OPT from random
@@ -33,8 +32,47 @@ from safetensors.torch import load_file, save_file
 
 from .oracle import LabelOracle
 from .progress import QueryProgress
-from .robustness.estimators import BoundaryDistance, SignOPT
+from .robustness.estimators import BoundaryDistance, HopSkipJump, SignOPT
 from .robustness.tracker import UNTARGETED, PairTracker
+
+
+NOISE_KINDS = ("paper", "smooth", "mixed")
+
+
+def draw_noise(kind: str, n: int, shape: tuple[int, int, int], generator: torch.Generator) -> torch.Tensor:
+    """``n`` noise images ``(n, C, H, W)`` in [0, 1].
+
+    * ``paper``: ``clip((U + 0.2) * s1 + N(0, 1) * s2, 0, 1)``, per-sample ``s1, s2 ~ U(0, 1)``
+      (the released code's formula). High-frequency: a LeNet-5 Fashion-MNIST teacher almost
+      never calls it "Sneaker" or "Ankle boot".
+    * ``smooth``: uniform noise on a coarse ``r x r`` grid (``r`` in 2..7) upsampled
+      bilinearly, thresholded and scaled per sample: low-frequency blobs that reach every
+      class of such teachers.
+    * ``mixed``: half of each.
+    """
+    if kind == "mixed":
+        a = n // 2
+        return torch.cat([draw_noise("paper", a, shape, generator), draw_noise("smooth", n - a, shape, generator)])
+    if kind == "paper":
+        u = torch.rand(n, *shape, generator=generator)
+        s1 = torch.rand(n, 1, 1, 1, generator=generator)
+        s2 = torch.rand(n, 1, 1, 1, generator=generator)
+        return ((u + 0.2) * s1 + torch.randn(n, *shape, generator=generator) * s2).clamp(0, 1)
+    if kind == "smooth":
+        C, H, W = shape
+        r = torch.randint(2, 8, (n,), generator=generator)
+        out = torch.empty(n, C, H, W)
+        for res in torch.unique(r).tolist():  # one interpolation per grid size, vectorised over samples
+            rows = torch.nonzero(r == res).squeeze(1)
+            z = torch.rand(rows.numel(), C, res, res, generator=generator)
+            out[rows] = torch.nn.functional.interpolate(z, size=(H, W), mode="bilinear", align_corners=False)
+        lo = out.amin(dim=(1, 2, 3), keepdim=True)
+        hi = out.amax(dim=(1, 2, 3), keepdim=True)
+        out = (out - lo) / (hi - lo + 1e-8)
+        thr = torch.rand(n, 1, 1, 1, generator=generator)
+        scale = torch.rand(n, 1, 1, 1, generator=generator) * 1.5
+        return (torch.where(out > thr, out, torch.zeros_like(out)) * scale).clamp(0, 1)
+    raise ValueError(f"unknown noise kind {kind!r}; known: {NOISE_KINDS}")
 
 
 class SynthesisError(RuntimeError):
@@ -51,11 +89,14 @@ class SynthesisSettings:
     snapshots: tuple[int, ...] = (0, 2, 5, 10)
     step: float = 0.5
     max_halvings: int = 4
+    noise: str = "mixed"  # "paper" (released formula), "smooth" (low-frequency blobs) or "mixed" (half each)
     noise_batch: int = 2000
     noise_budget: int = 2_000_000
     search_budget: int = 300  # queries per sample per round for the untargeted direction
     search_dirs: int = 4  # random initial directions per search (plus the warm start)
-    search_k: int = 40  # Sign-OPT probes per gradient estimate
+    search_k: int = 40  # probes per gradient estimate (Sign-OPT k / HSJA n0)
+    search: str = "hsja"  # untargeted estimator: "hsja" or "signopt" (the paper's)
+    first_budget_factor: int = 3  # round 0 has no warm start: give its search this many times the budget
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,6 +106,10 @@ class SynthesisSettings:
             raise ValueError(f"search_budget ({self.search_budget}) must exceed search_k ({self.search_k})")
         if self.noise_batch < 1 or self.noise_budget < 1:
             raise ValueError("noise_batch and noise_budget must be >= 1")
+        if self.search not in ("hsja", "signopt"):
+            raise ValueError(f"search must be 'hsja' or 'signopt', got {self.search!r}")
+        if self.noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -137,10 +182,7 @@ def sample_class_noise(oracle: LabelOracle, settings: SynthesisSettings, device:
                 raise SynthesisError(
                     f"noise budget of {settings.noise_budget:,} queries spent before every class had "
                     f"{n} samples; teacher labels seen per class: {report}. Raise noise_budget or lower per_class.")
-            u = torch.rand(b, *shape, generator=gen)
-            s1 = torch.rand(b, 1, 1, 1, generator=gen)
-            s2 = torch.rand(b, 1, 1, 1, generator=gen)
-            x = ((u + 0.2) * s1 + torch.randn(b, *shape, generator=gen) * s2).clamp(0, 1)
+            x = draw_noise(settings.noise, b, shape, gen)
             y = oracle(x.to(device)).cpu()
             bar.queries(b)
             spent += b
@@ -161,8 +203,13 @@ def untargeted_search(oracle: LabelOracle, x: torch.Tensor, y: torch.Tensor, set
                       generator: torch.Generator, warm: torch.Tensor | None = None, on_query=None):
     """Untargeted minimal boundary direction of each sample: ``(theta (N, D), lam (N,),
     best distance (N,), queries (N,))``."""
-    tr = PairTracker(oracle, x, y, torch.full_like(y, UNTARGETED), settings.search_budget, (), on_query)
-    est = SignOPT(init=BoundaryDistance(n=settings.search_dirs, tol=1e-3, random=True, warm=warm), k=settings.search_k)
+    budget = settings.search_budget * (1 if warm is not None else settings.first_budget_factor)
+    tr = PairTracker(oracle, x, y, torch.full_like(y, UNTARGETED), budget, (), on_query)
+    init = BoundaryDistance(n=settings.search_dirs, tol=1e-3, random=True, warm=warm)
+    if settings.search == "hsja":
+        est = HopSkipJump(init=init, n0=settings.search_k, n_max=max(settings.search_k, 4 * settings.search_k))
+    else:
+        est = SignOPT(init=init, k=settings.search_k)
     res = est(tr, None, generator)
     return res.theta, res.lam, tr.best.clone(), tr.queries.clone()
 
