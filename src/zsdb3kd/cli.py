@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher weights (.safetensors/.pt) or .onnx")
     p.add_argument("--arch", default=None, help="architecture of a plain .pt state_dict teacher")
     p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--pseudo", default=None,
+                   help="zero-shot: label the pseudo samples of this file (from 'synthesize') instead of --data")
     p.add_argument("--subset", type=int, default=None, help="number of samples (deterministic under --seed)")
     p.add_argument("--method", default="mbd", help="sd, bd or mbd (paper settings)")
     p.add_argument("--budget", type=int, default=20000, help="queries per (sample, target) pair")
@@ -82,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=128)
     p.add_argument("--query-budget", type=int, default=None, help="total teacher queries allowed")
     p.add_argument("--out", required=True, help="result file (.safetensors); <out>.parts/ keeps chunks for resume")
+
+    p = sub.add_parser("synthesize", help="zero-shot pseudo samples from noise (no real data)")
+    _add_common(p)
+    p.add_argument("--teacher", required=True, help="teacher weights (.safetensors/.pt) or .onnx")
+    p.add_argument("--arch", default=None)
+    p.add_argument("--per-class", type=int, default=200)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--snapshots", type=_ints, default=None, help="rounds to keep, e.g. 0,5,10")
+    p.add_argument("--step", type=float, default=0.5, help="L2 step away from the nearest boundary")
+    p.add_argument("--search-budget", type=int, default=300, help="queries per sample per round")
+    p.add_argument("--search", default="hsja", choices=["hsja", "signopt"])
+    p.add_argument("--noise", default="mixed", choices=["paper", "smooth", "mixed"])
+    p.add_argument("--noise-budget", type=int, default=2_000_000)
+    p.add_argument("--query-budget", type=int, default=None, help="total teacher queries allowed")
+    p.add_argument("--out", required=True, help="pseudo-sample file (.safetensors); <out>.parts/ keeps state")
 
     p = sub.add_parser("soft-labels", help="teacher logits from a robustness file")
     p.add_argument("robustness", help="file written by 'zsdb3kd robustness'")
@@ -97,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--robustness", default=None, help="robustness file (method soft)")
     p.add_argument("--budget", type=int, default=None, help="queries per pair at which to read distances")
     p.add_argument("--subset", type=int, default=None, help="training images (method ce/whitebox-kd)")
+    p.add_argument("--pseudo", default=None, help="zero-shot: train on this pseudo-sample file (methods soft, ce); "
+                   "a held-out slice of it selects the model; only the real test split is read")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="zero-shot: held-out share of pseudo samples")
     p.add_argument("--student", default="lenet5-half")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -180,20 +200,27 @@ def _cmd_robustness(args) -> int:
     from .weights import file_sha256
 
     oracle = load_oracle(args.teacher, device=args.device, budget=args.query_budget, arch=args.arch)
-    splits = load_splits(args.data, args.data_root, args.val_size, args.seed)
-    src = splits.train if args.split == "train" else splits.test
-    idx = choose_subset(len(src), args.subset, args.seed) if args.subset is not None else torch.arange(len(src))
-    x = src.x[idx]
+    if args.pseudo:  # zero-shot: no real data is loaded at all
+        from .synthesis import PseudoSamples
+
+        ps = PseudoSamples.load(args.pseudo)
+        idx = choose_subset(len(ps.y), args.subset, args.seed) if args.subset is not None else torch.arange(len(ps.y))
+        x, pool_x, pool_y, src_name = ps.x[idx], ps.x, ps.y, f"pseudo:{args.pseudo}"
+    else:
+        splits = load_splits(args.data, args.data_root, args.val_size, args.seed)
+        src = splits.train if args.split == "train" else splits.test
+        idx = choose_subset(len(src), args.subset, args.seed) if args.subset is not None else torch.arange(len(src))
+        x, pool_x, pool_y, src_name = src.x[idx], splits.train.x, splits.train.y, src.name
     cps = tuple(args.checkpoints) if args.checkpoints else tuple(c for c in PAPER_CHECKPOINTS if c <= args.budget)
     settings = RobustnessSettings(method=args.method, budget=args.budget, checkpoints=cps, seed=args.seed,
                                   chunk_size=args.chunk_size, options=args.options)
-    pool = CandidatePool(splits.train.x.to(args.device), splits.train.y.to(args.device))
+    pool = CandidatePool(pool_x.to(args.device), pool_y.to(args.device))
     out = Path(args.out)
     parts = out.with_name(out.name + ".parts")
     res = compute_robustness(oracle, x.to(args.device), settings, pool=pool, indices=idx, work_dir=parts,
                              progress=_progress(args),
                              provenance={"teacher": args.teacher, "teacher_sha256": file_sha256(args.teacher),
-                                         "data": src.name, "split": args.split})
+                                         "data": src_name, "split": "pseudo" if args.pseudo else args.split})
     res.save(out)
     cleanup_parts(parts)
     d = res.distances[:, :, -1]
@@ -230,6 +257,8 @@ def _cmd_distill(args) -> int:
     from .robustness import RobustnessResult
     from .softlabels import logits_from_distances
 
+    if args.pseudo:
+        return _distill_zero_shot(args)
     splits = load_splits(args.data, args.data_root, args.val_size, args.seed)
     tl = None
     if args.method == "soft":
@@ -254,6 +283,68 @@ def _cmd_distill(args) -> int:
                         args.out, teacher_logits=tl, num_classes=len(splits.train.classes), device=args.device,
                         desc=f"student[{args.method}]", progress=_progress(args), extra={"method": args.method})
     print(f"{args.student} ({args.method}): val {m['val_acc']:.2f}%  test {m['test_acc']:.2f}%  -> {args.out}")
+    return 0
+
+
+def _distill_zero_shot(args) -> int:
+    import torch
+
+    from .data import load_dataset, train_val_split
+    from .distill import TrainConfig
+    from .pipeline import distill_student
+    from .robustness import RobustnessResult
+    from .softlabels import logits_from_distances
+    from .synthesis import PseudoSamples
+
+    if args.method == "whitebox-kd":
+        raise ValueError("--pseudo supports --method soft or ce")
+    ps = PseudoSamples.load(args.pseudo)
+    test = load_dataset(args.data, args.data_root, "test")
+    if args.method == "soft":
+        if not args.robustness:
+            raise ValueError("--method soft needs --robustness FILE (from 'zsdb3kd robustness --pseudo')")
+        res = RobustnessResult.load(args.robustness)
+        if res.provenance.get("split") != "pseudo":
+            raise ValueError(f"{args.robustness} was not computed on pseudo samples ('robustness --pseudo')")
+        z = logits_from_distances(res.at(args.budget if args.budget is not None else int(res.checkpoints[-1])),
+                                  res.teacher_labels)
+        logits = torch.zeros(len(ps.y), z.shape[1])
+        have = torch.zeros(len(ps.y), dtype=torch.bool)
+        logits[res.indices], have[res.indices] = z, True
+    tr, va = train_val_split(ps.y, args.val_fraction, args.seed)
+    if args.method == "soft":
+        tr = tr[have[tr]]
+    tl = logits[tr] if args.method == "soft" else None
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, temperature=args.temperature,
+                      seed=args.seed)
+    m = distill_student(args.student, ps.x[tr], ps.y[tr], (ps.x[va], ps.y[va]), (test.x, test.y), cfg, args.out,
+                        teacher_logits=tl, num_classes=len(test.classes), device=args.device,
+                        desc=f"student[zero-shot {args.method}]", progress=_progress(args),
+                        extra={"method": f"zero-shot-{args.method}"})
+    print(f"{args.student} (zero-shot {args.method}): val {m['val_acc']:.2f}% (pseudo)  test {m['test_acc']:.2f}%"
+          f"  -> {args.out}")
+    return 0
+
+
+def _cmd_synthesize(args) -> int:
+    from .oracle import load_oracle
+    from .synthesis import SynthesisSettings, synthesize
+
+    oracle = load_oracle(args.teacher, device=args.device, budget=args.query_budget, arch=args.arch)
+    snaps = tuple(args.snapshots) if args.snapshots else tuple(sorted({0, args.iterations // 2, args.iterations}))
+    settings = SynthesisSettings(per_class=args.per_class, iterations=args.iterations, snapshots=snaps,
+                                 step=args.step, search_budget=args.search_budget, search=args.search,
+                                 noise=args.noise, noise_budget=args.noise_budget, seed=args.seed)
+    out = Path(args.out)
+    parts = out.with_name(out.name + ".parts")
+    ps = synthesize(oracle, settings, device=args.device, work_dir=parts, progress=_progress(args))
+    ps.save(out)
+    import shutil
+
+    shutil.rmtree(parts, ignore_errors=True)
+    curve = ", ".join(f"{v:.3f}" for v in ps.mean_distance.tolist())
+    print(f"{len(ps.y)} pseudo samples, {ps.provenance['total_queries']:,} queries, mean boundary distance per "
+          f"round: {curve} -> {out}")
     return 0
 
 
@@ -287,6 +378,7 @@ _COMMANDS = {
     "run": _cmd_run,
     "train-teacher": _cmd_train_teacher,
     "robustness": _cmd_robustness,
+    "synthesize": _cmd_synthesize,
     "soft-labels": _cmd_soft_labels,
     "distill": _cmd_distill,
     "evaluate": _cmd_evaluate,

@@ -20,6 +20,7 @@ class QueryProgress:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.total, self.desc, self.unit = total, desc, unit
         self.done = initial
+        self.initial = initial
         self.n_queries = 0
         self.t0 = time.perf_counter()
         self._last = 0.0
@@ -34,10 +35,12 @@ class QueryProgress:
     def queries(self, n: int) -> None:
         self.n_queries += n
         now = time.perf_counter()
-        if now - self._last >= 0.5:
-            self._last = now
-            if self._bar is not None:
+        if self._bar is not None:
+            if now - self._last >= 0.5:
+                self._last = now
                 self._bar.set_postfix_str(f"{self.rate:,.0f} q/s, {self.n_queries:,} queries", refresh=True)
+        elif now - self._last >= self.log_every > 0:
+            self._log(now)
 
     def advance(self, n: int = 1) -> None:
         self.done += n
@@ -46,12 +49,16 @@ class QueryProgress:
             return
         now = time.perf_counter()
         if now - self._last >= self.log_every or self.done >= self.total:
-            self._last = now
-            elapsed = now - self.t0
-            eta = elapsed / max(self.done, 1) * (self.total - self.done)
-            rate = f"{self.rate:,.0f} q/s, {self.n_queries:,} queries, " if self.n_queries else ""
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit}s, {rate}{elapsed:.0f}s elapsed, "
-                  f"ETA {eta:.0f}s", file=sys.stderr, flush=True)
+            self._log(now)
+
+    def _log(self, now: float) -> None:
+        self._last = now
+        elapsed = now - self.t0
+        done_here = self.done - self.initial
+        eta = f"ETA {elapsed / done_here * (self.total - self.done):.0f}s" if done_here > 0 else "ETA -"
+        rate = f"{self.rate:,.0f} q/s, {self.n_queries:,} queries, " if self.n_queries else ""
+        print(f"{self.desc}: {self.done}/{self.total} {self.unit}s, {rate}{elapsed:.0f}s elapsed, {eta}",
+              file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
