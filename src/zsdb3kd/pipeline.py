@@ -84,7 +84,7 @@ class StudentConfig:
     kl_reduction: str = "sum"
     val_fraction: float = 0.1  # zero-shot: share of pseudo samples held out for selection
     noise_samples: int | None = None  # zero-shot noise baseline size (default: the zero-shot query total)
-    noise_cap: int = 100_000
+    noise_cap: int = 100_000  # noise-ce trains for epochs * n_pseudo / n_noise epochs: the same number of steps
 
 
 @dataclass
@@ -387,9 +387,13 @@ def _soft_row(method: str, budget: int, res: RobustnessResult, extra_queries: in
 
 
 def _train_row(spec: str, run: Path, cfg: RunConfig, key_parts: list, make_inputs, val, test, num_classes: int,
-               progress) -> dict[str, Any]:
+               progress, epochs: int | None = None) -> dict[str, Any]:
     """Train (or reuse) one student; ``make_inputs()`` -> (x, y, teacher_logits) is only called when needed."""
     scfg = _student_config(cfg)
+    if epochs is not None:
+        from dataclasses import replace
+
+        scfg = replace(scfg, epochs=epochs)
     skey = _key("student", spec, cfg.student.arch, asdict(scfg), *key_parts)
     out = run / f"student-{spec.replace('@', '-')}-{skey}.safetensors"
     mpath = out.with_suffix(".json")
@@ -534,14 +538,17 @@ def _run_zero_shot(cfg, run, teacher_path, teacher_sha, teacher_metrics, progres
             max_total = max(max_total, _soft_row(method, budget, results[method][0], q_syn)[0]["total_queries"])
     for method, budget, spec in specs:
         key_parts = [teacher_sha, pkey]
+        epochs = None
         if method == "zs-ce":
             row = {"method": spec, "label": "pseudo samples, hard labels", "queries_per_pair": 0,
                    "total_queries": q_syn}
             make = lambda: (px, py, None)  # noqa: E731
         elif method == "noise-ce":
             n = cfg.student.noise_samples or min(max_total, cfg.student.noise_cap)
-            row = {"method": spec, "label": f"uniform noise, hard labels ({n:,} samples)", "queries_per_pair": 0,
-                   "total_queries": n}
+            # the same number of optimisation steps as the pseudo-sample students (same compute)
+            epochs = max(1, round(cfg.student.epochs * len(px) / n))
+            row = {"method": spec, "label": f"uniform noise, hard labels ({n:,} samples, {epochs} epochs)",
+                   "queries_per_pair": 0, "total_queries": n}
             key_parts.append(n)
 
             def make(n=n):
@@ -554,7 +561,7 @@ def _run_zero_shot(cfg, run, teacher_path, teacher_sha, teacher_metrics, progres
             row = {"method": spec, "label": f"ZSDB3KD-{method.upper()}", **extra}
             key_parts.append(rpath.name)
             make = lambda tl=tl: (px, py, tl)  # noqa: E731
-        row.update(_train_row(spec, run, cfg, key_parts, make, val, tst, num_classes, progress))
+        row.update(_train_row(spec, run, cfg, key_parts, make, val, tst, num_classes, progress, epochs))
         rows.append(row)
     report = {
         "name": cfg.name, "mode": "zero-shot",

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .artifacts import load_tagged, save_tagged
 from .oracle import LabelOracle
 from .progress import QueryProgress
 from .robustness.estimators import BoundaryDistance, HopSkipJump, SignOPT
@@ -128,33 +129,15 @@ class PseudoSamples:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"x": self.x.contiguous(), "y": self.y.contiguous(), "mean_distance": self.mean_distance.contiguous()}
-        tensors.update({f"snapshot_{i}": s.contiguous() for i, s in self.snapshots.items()})
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "zsdb3kd-pseudo-samples",
-                                              "provenance": json.dumps(self.provenance, sort_keys=True, default=str)})
-        os.replace(tmp, path)
-        return path
+        tensors = {"x": self.x, "y": self.y, "mean_distance": self.mean_distance}
+        tensors.update({f"snapshot_{i}": s for i, s in self.snapshots.items()})
+        return save_tagged(path, tensors, "zsdb3kd-pseudo-samples", self.provenance)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PseudoSamples":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"pseudo-sample file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            t = load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable pseudo-sample file: {e}") from e
-        if meta.get("format") != "zsdb3kd-pseudo-samples":
-            raise ValueError(f"{path} is not a zsdb3kd pseudo-sample file")
+        t, provenance = load_tagged(path, "zsdb3kd-pseudo-samples", "pseudo-sample")
         snaps = {int(k.split("_")[1]): v for k, v in t.items() if k.startswith("snapshot_")}
-        return cls(t["x"], t["y"], dict(sorted(snaps.items())), t["mean_distance"], json.loads(meta["provenance"]))
+        return cls(t["x"], t["y"], dict(sorted(snaps.items())), t["mean_distance"], provenance)
 
 
 def _seed(seed: int, *parts: Any) -> int:

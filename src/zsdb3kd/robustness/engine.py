@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..artifacts import load_tagged, save_tagged
 from ..oracle import LabelOracle
 from ..progress import QueryProgress
 from .estimators import ESTIMATORS, BoundaryDistance, CandidatePool, Estimator, HopSkipJump, SampleDistance, SignOPT
@@ -119,39 +120,13 @@ class RobustnessResult:
         return int(self.provenance.get("total_queries", int(self.queries.sum()) + len(self.indices)))
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {
-                "distances": self.distances.contiguous().cpu(),
-                "queries": self.queries.contiguous().cpu(),
-                "teacher_labels": self.teacher_labels.contiguous().cpu(),
-                "indices": self.indices.contiguous().cpu(),
-                "checkpoints": self.checkpoints.contiguous().cpu(),
-            },
-            str(tmp),
-            metadata={"format": "zsdb3kd-robustness", "provenance": json.dumps(self.provenance, sort_keys=True)},
-        )
-        os.replace(tmp, path)
-        return path
+        tensors = {k: getattr(self, k) for k in ("distances", "queries", "teacher_labels", "indices", "checkpoints")}
+        return save_tagged(path, tensors, "zsdb3kd-robustness", self.provenance)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RobustnessResult":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"robustness file not found: {path}")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable robustness file: {e}") from e
-        if meta.get("format") != "zsdb3kd-robustness":
-            raise ValueError(f"{path} is not a zsdb3kd robustness file (format={meta.get('format')!r})")
-        return cls(provenance=json.loads(meta["provenance"]), **tensors)
+        tensors, provenance = load_tagged(path, "zsdb3kd-robustness", "robustness")
+        return cls(provenance=provenance, **tensors)
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
