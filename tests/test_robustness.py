@@ -52,6 +52,22 @@ def test_mbd_converges_to_exact_linear_distance(mbd_run):
     assert (np.diff(res.distances[torch.isfinite(res.distances[:, :, 0])].numpy(), axis=-1) <= 0).all()
 
 
+def test_hsja_converges_faster_than_paper_mbd_at_small_budgets(linear_teacher, linear_data):
+    xs = _samples()
+    pool = CandidatePool(*linear_data)
+    runs = {}
+    for m in ("mbd", "hsja"):
+        oracle = TorchOracle(linear_teacher, SHAPE, K)
+        runs[m] = compute_robustness(oracle, xs, RobustnessSettings(method=m, budget=1000, checkpoints=(500, 1000)),
+                                     pool=pool, progress=False)
+        assert oracle.queries == runs[m].total_queries and int(runs[m].queries.max()) <= 1000
+    r_h, r_m = _ratios(runs["hsja"], linear_teacher, xs), _ratios(runs["mbd"], linear_teacher, xs)
+    assert (r_h >= 1 - 1e-4).all()
+    # achieved (median): hsja 1.17 at 500 and 1.08 at 1000 queries; paper MBD 2.96 and 1.14
+    assert np.median(r_h[:, 0]) < 1.35 and np.median(r_h[:, 1]) < 1.15
+    assert np.median(r_h[:, 0]) < np.median(r_m[:, 0])
+
+
 def test_budgets_and_counts_are_exact(mbd_run):
     _, oracle, xs, res = mbd_run
     assert int(res.queries.max()) <= 4000
@@ -61,23 +77,29 @@ def test_budgets_and_counts_are_exact(mbd_run):
 
 
 def test_bd_is_an_upper_bound_and_mbd_improves_it(linear_teacher, linear_data):
-    oracle = TorchOracle(linear_teacher, SHAPE, K)
     xs = _samples()
     pool = CandidatePool(*linear_data)
-    bd = compute_robustness(oracle, xs, RobustnessSettings(method="bd", budget=4000, checkpoints=()), pool=pool,
-                            progress=False)
+
+    def run(method):
+        oracle = TorchOracle(linear_teacher, SHAPE, K)
+        return compute_robustness(oracle, xs, RobustnessSettings(method=method, budget=4000, checkpoints=(), seed=3),
+                                  pool=pool, progress=False)
+
+    bd, mbd, sd = run("bd"), run("mbd"), run("sd")
     r = _ratios(bd, linear_teacher, xs)[:, -1]
-    assert (r >= 1 - 1e-4).all() and np.isfinite(r).all()
-    # BD's answer is a real pool direction: its distance can't beat SD's straight line to that sample
-    sd = compute_robustness(oracle, xs, RobustnessSettings(method="sd", budget=1, checkpoints=()), pool=pool,
-                            progress=False)
+    # BD searches only along directions to pool samples: a true upper bound, here 2-4x the exact distance
+    assert (r >= 1 - 1e-4).all() and np.isfinite(r).all() and np.median(r) > 1.5
     own = torch.nn.functional.one_hot(bd.teacher_labels, K).bool()
-    assert (bd.distances[~own][:, -1] <= sd.distances[~own][:, -1] * 1.0001 + 1e-6).all() or True
+    d_bd, d_mbd, d_sd = bd.distances[~own][:, -1], mbd.distances[~own][:, -1], sd.distances[~own][:, -1]
+    # MBD starts from the same BD directions (same seed) and only ever improves on them
+    assert (d_mbd <= d_bd + 1e-6).all() and float(d_mbd.median()) < 0.5 * float(d_bd.median())
+    # SD is the straight-line distance to a target-class sample: never below the exact distance either
+    assert (_ratios(sd, linear_teacher, xs)[:, -1] >= 1 - 1e-4).all()
     assert (sd.queries == 0).all()
 
 
 @pytest.mark.parametrize("budget", [1, 7, 150, 333])
-@pytest.mark.parametrize("method", ["bd", "mbd"])
+@pytest.mark.parametrize("method", ["bd", "mbd", "hsja"])
 def test_per_pair_budget_never_exceeded(method, budget, linear_teacher, linear_data):
     oracle = TorchOracle(linear_teacher, SHAPE, K)
     xs = _samples(5)
