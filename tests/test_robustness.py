@@ -225,3 +225,37 @@ def test_settings_validation():
         RobustnessSettings(method="nope")
     with pytest.raises(ValueError):
         RobustnessSettings(budget=0)
+
+
+@pytest.mark.parametrize("method", ["mbd", "hsja"])
+def test_nearest_allocation_keeps_the_sample_budget_and_refines_the_nearest(method, linear_teacher, linear_data):
+    xs = _samples(8)
+    pool = CandidatePool(*linear_data)
+    out = {}
+    for al in ("uniform", "nearest"):
+        oracle = TorchOracle(linear_teacher, SHAPE, K)
+        s = RobustnessSettings(method=method, budget=500, checkpoints=(), chunk_size=4, allocation=al, top_k=1)
+        res = compute_robustness(oracle, xs, s, pool=pool, progress=False)
+        # the sample's total (K - 1) * budget is never exceeded, and every query is accounted for
+        assert int(res.queries.sum(1).max()) <= (K - 1) * 500
+        assert oracle.queries == res.total_queries
+        out[al] = res
+    res = out["nearest"]
+    own = torch.nn.functional.one_hot(res.teacher_labels, K).bool()
+    q = res.queries.masked_fill(own, -1)
+    # the nearest target (by the ranking phase) got the extra queries: up to 125 + 3 * 375;
+    # the others stopped at the ranking budget of 125
+    top = q.max(1).values
+    assert (top > 125).all() and (top <= 125 + 3 * 375).all()
+    assert ((q <= 125) | (q == top[:, None])).all()
+    # ... and is found closer than with a uniform split
+    near = [min((exact_distance(linear_teacher, xs[i], t), t) for t in range(K) if t != int(res.teacher_labels[i]))
+            for i in range(len(xs))]
+    r_near = np.median([float(out["nearest"].distances[i, t, -1]) / d for i, (d, t) in enumerate(near)])
+    r_unif = np.median([float(out["uniform"].distances[i, t, -1]) / d for i, (d, t) in enumerate(near)])
+    assert 1 - 1e-4 <= r_near < r_unif
+
+
+def test_nearest_allocation_needs_an_iterative_method():
+    with pytest.raises(ValueError, match="iterative"):
+        RobustnessSettings(method="bd", allocation="nearest")

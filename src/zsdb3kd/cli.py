@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", type=_ints, default=None, help="budgets to record, e.g. 1000,2000,4000")
     p.add_argument("--options", type=_kv, default={}, help="estimator options, e.g. k=100,n_dirs=50")
     p.add_argument("--chunk-size", type=int, default=128)
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "nearest"],
+                   help="nearest: rank targets with --rank-fraction of the budget, give the rest to the --top-k nearest")
+    p.add_argument("--rank-fraction", type=float, default=0.25)
+    p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--query-budget", type=int, default=None, help="total teacher queries allowed")
     p.add_argument("--out", required=True, help="result file (.safetensors); <out>.parts/ keeps chunks for resume")
 
@@ -213,7 +217,8 @@ def _cmd_robustness(args) -> int:
         x, pool_x, pool_y, src_name = src.x[idx], splits.train.x, splits.train.y, src.name
     cps = tuple(args.checkpoints) if args.checkpoints else tuple(c for c in PAPER_CHECKPOINTS if c <= args.budget)
     settings = RobustnessSettings(method=args.method, budget=args.budget, checkpoints=cps, seed=args.seed,
-                                  chunk_size=args.chunk_size, options=args.options)
+                                  chunk_size=args.chunk_size, options=args.options, allocation=args.allocation,
+                                  rank_fraction=args.rank_fraction, top_k=args.top_k)
     pool = CandidatePool(pool_x.to(args.device), pool_y.to(args.device))
     out = Path(args.out)
     parts = out.with_name(out.name + ".parts")

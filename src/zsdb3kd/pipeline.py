@@ -70,6 +70,9 @@ class RobustnessConfig:
     checkpoints: list[int] = field(default_factory=lambda: [250, 500, 1000, 2000])
     chunk_size: int = 256
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method estimator arguments
+    allocation: str = "uniform"  # or "nearest": rank targets cheaply, refine the nearest (mbd/hsja only)
+    rank_fraction: float = 0.25
+    top_k: int = 3
 
 
 @dataclass
@@ -349,7 +352,10 @@ def _stage_robustness(oracle: LabelOracle, method: str, x: torch.Tensor, indices
                       data_name: str, progress) -> tuple[RobustnessResult, Path]:
     settings = RobustnessSettings(
         method=method, budget=cfg.robustness.budget, checkpoints=tuple(cfg.robustness.checkpoints),
-        seed=cfg.seed, chunk_size=cfg.robustness.chunk_size, options=cfg.robustness.options.get(method, {}))
+        seed=cfg.seed, chunk_size=cfg.robustness.chunk_size, options=cfg.robustness.options.get(method, {}),
+        **({} if method in ("sd", "bd") else {"allocation": cfg.robustness.allocation,
+                                              "rank_fraction": cfg.robustness.rank_fraction,
+                                              "top_k": cfg.robustness.top_k}))
     rkey = _key("robustness", teacher_sha, data_key, indices.tolist(), settings.key())
     out = run / f"robustness-{method}-{rkey}.safetensors"
     if out.exists():

@@ -45,6 +45,13 @@ class RobustnessSettings:
     seed: int = 0
     chunk_size: int = 128
     options: dict[str, Any] = field(default_factory=dict)
+    #: "uniform": every pair gets ``budget``. "nearest": every pair first gets
+    #: ``rank_fraction * budget`` to rank the targets, then the queries left of the sample's
+    #: ``(K - 1) * budget`` go to its ``top_k`` nearest targets (the soft label is dominated
+    #: by them, z_t = 1 / d_t). ``budget`` stays the average per pair.
+    allocation: str = "uniform"
+    rank_fraction: float = 0.25
+    top_k: int = 3
 
     def __post_init__(self) -> None:
         if self.method not in PRESETS:
@@ -56,12 +63,21 @@ class RobustnessSettings:
         if any(c < 1 for c in self.checkpoints):
             raise ValueError(f"checkpoints must be positive, got {self.checkpoints}")
         try:
-            self.estimator()
+            est = self.estimator()
         except TypeError as e:
             raise ValueError(f"invalid options {self.options} for method {self.method!r}: {e}") from None
+        if self.allocation not in ("uniform", "nearest"):
+            raise ValueError(f"allocation must be 'uniform' or 'nearest', got {self.allocation!r}")
+        if self.allocation == "nearest":
+            if not hasattr(est, "init"):
+                raise ValueError(f"allocation 'nearest' needs an iterative method (mbd, hsja), not {self.method!r}")
+            if not 0 < self.rank_fraction < 1 or self.top_k < 1:
+                raise ValueError("allocation 'nearest' needs 0 < rank_fraction < 1 and top_k >= 1")
 
     @property
     def all_checkpoints(self) -> tuple[int, ...]:
+        if self.allocation == "nearest":  # per-pair budgets differ; only the final average is defined
+            return (self.budget,)
         return tuple(sorted({c for c in self.checkpoints if c <= self.budget} | {self.budget}))
 
     def estimator(self) -> Estimator:
@@ -69,7 +85,11 @@ class RobustnessSettings:
 
     def key(self) -> str:
         """Content hash of everything that changes the numbers."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        fields_ = asdict(self)
+        if self.allocation == "uniform":  # keys of uniform runs predate the allocation fields
+            for k in ("allocation", "rank_fraction", "top_k"):
+                fields_.pop(k)
+        blob = json.dumps(fields_, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -151,14 +171,45 @@ def robustness_chunk(
     offs = torch.arange(1, K, device=x.device).repeat(n)
     tgt = (src + offs) % K  # every class except the teacher's own
     rows = torch.arange(n, device=x.device).repeat_interleave(K - 1)
-    tracker = PairTracker(oracle, x[rows], src, tgt, settings.budget, settings.all_checkpoints, on_query)
-    settings.estimator()(tracker, pool, generator)
-    B = tracker.at.shape[1]
+    if settings.allocation == "nearest":
+        at = _allocate_nearest(oracle, x[rows], src, tgt, n, K, settings, pool, generator, on_query)
+        queries = at.pop("queries")
+        best = at.pop("best")[:, None]
+    else:
+        tracker = PairTracker(oracle, x[rows], src, tgt, settings.budget, settings.all_checkpoints, on_query)
+        settings.estimator()(tracker, pool, generator)
+        queries, best = tracker.queries, tracker.at
+    B = best.shape[1]
     dist = torch.full((n, K, B), float("nan"))
-    dist[rows.cpu(), tgt.cpu()] = tracker.at.cpu()
+    dist[rows.cpu(), tgt.cpu()] = best.cpu()
     q = torch.zeros(n, K, dtype=torch.long)
-    q[rows.cpu(), tgt.cpu()] = tracker.queries.cpu()
+    q[rows.cpu(), tgt.cpu()] = queries.cpu()
     return {"distances": dist, "queries": q, "teacher_labels": labels.cpu()}
+
+
+def _allocate_nearest(oracle, x0, src, tgt, n, K, settings, pool, generator, on_query) -> dict[str, torch.Tensor]:
+    """Rank every target with a small budget, then spend the rest on each sample's nearest ones."""
+    import copy
+
+    b1 = max(1, int(settings.budget * settings.rank_fraction))
+    k = min(settings.top_k, K - 1)
+    extra = (K - 1) * (settings.budget - b1)  # per sample
+    top_limit = b1 + (extra + k - 1) // k
+    tracker = PairTracker(oracle, x0, src, tgt, b1, (top_limit,), on_query)
+    est = settings.estimator()
+    first = est(tracker, pool, generator)
+    d = tracker.best.view(n, K - 1)
+    order = torch.argsort(d, dim=1, stable=True)[:, :k]  # nearest targets first (inf last)
+    rows = (order + torch.arange(n, device=d.device)[:, None] * (K - 1)).reshape(-1)
+    share = torch.full((n, k), extra // k, dtype=torch.long)
+    share[:, : extra % k] += 1  # the remainder goes to the nearest, so no query of the sample's total is lost
+    limit = b1 + share.reshape(-1).to(rows.device)
+    sub = tracker.subset(rows, limit)
+    cont = copy.copy(est)
+    cont.init = BoundaryDistance(n=1, tol=1e-5, warm=first.theta[rows], warm_len=first.lam[rows])
+    cont(sub, None, generator)
+    tracker.merge(rows, sub)
+    return {"queries": tracker.queries, "best": tracker.best}
 
 
 def compute_robustness(

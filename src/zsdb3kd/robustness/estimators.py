@@ -149,12 +149,14 @@ class BoundaryDistance(Estimator):
 
     name = "bd"
 
-    def __init__(self, n: int = 201, tol: float = 1e-5, random: bool = False, warm: torch.Tensor | None = None) -> None:
+    def __init__(self, n: int = 201, tol: float = 1e-5, random: bool = False, warm: torch.Tensor | None = None,
+                 warm_len: torch.Tensor | None = None) -> None:
         if n < 1 or tol <= 0:
             raise ValueError(f"need n >= 1 and tol > 0, got n={n}, tol={tol}")
         self.n, self.tol, self.random = n, tol, random
-        #: optional ``(P, D)`` directions tried first (e.g. last iteration's best), then ``n - 1`` others
-        self.warm = warm
+        #: optional ``(P, D)`` directions tried first (e.g. last iteration's best), then ``n - 1`` others,
+        #: with optional ``(P,)`` steps known to reach the criterion (default: the box diameter)
+        self.warm, self.warm_len = warm, warm_len
 
     def __repr__(self) -> str:
         return f"BoundaryDistance(n={self.n}, tol={self.tol}, random={self.random}, warm={self.warm is not None})"
@@ -180,7 +182,9 @@ class BoundaryDistance(Estimator):
                 theta, length = load_other(ids, (jj - 1).clamp_min(0))
                 w, _ = _unit(warm[ids].to(dev))
                 theta = torch.where(first[:, None], w, theta)
-                length = torch.where(first, torch.full_like(length, max_len), length)
+                wl = torch.full_like(length, max_len) if self.warm_len is None else self.warm_len[ids].to(dev)
+                wl = torch.where(torch.isfinite(wl), wl * (1 + 1e-4), torch.full_like(wl, max_len))
+                length = torch.where(first, wl, length)
                 return theta, length
             return load_other(ids, jj)
 

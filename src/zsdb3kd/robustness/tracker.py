@@ -33,7 +33,7 @@ class PairTracker:
         x0: ``(P, C, H, W)`` starting points.
         source: ``(P,)`` teacher label of each ``x0``.
         target: ``(P,)`` target class, or ``UNTARGETED`` (-1): any label other than ``source``.
-        budget: queries allowed per problem.
+        budget: queries allowed per problem (an int, or a ``(P,)`` tensor of per-problem limits).
         checkpoints: increasing query counts at which the best distance is recorded; the
             budget is appended if missing.
         on_query: optional callback receiving the number of queries of each oracle call.
@@ -45,28 +45,46 @@ class PairTracker:
         x0: torch.Tensor,
         source: torch.Tensor,
         target: torch.Tensor,
-        budget: int,
+        budget: int | torch.Tensor,
         checkpoints: tuple[int, ...] = (),
         on_query: Callable[[int], None] | None = None,
     ) -> None:
-        if budget < 1:
-            raise ValueError(f"per-pair budget must be >= 1, got {budget}")
         P = x0.shape[0]
+        limit = torch.as_tensor(budget, dtype=torch.long).to(x0.device).expand(P).clone()
+        if P and int(limit.min()) < 1:
+            raise ValueError(f"per-pair budget must be >= 1, got {int(limit.min())}")
         if source.shape != (P,) or target.shape != (P,):
             raise ValueError("source and target must have shape (P,)")
-        cps = sorted({int(c) for c in checkpoints if 0 < int(c) <= budget} | {int(budget)})
+        top = int(limit.max()) if P else 1
+        cps = sorted({int(c) for c in checkpoints if int(c) > 0} | {top})  # later limits may grow (subset)
         self.oracle = oracle
         self.x0 = x0
         self.flat0 = x0.reshape(P, -1)
         self.source = source.long()
         self.target = target.long()
-        self.budget = int(budget)
+        self.limit = limit  # (P,) queries each problem may make in total
+        self.budget = top  # the largest per-problem budget (bounds loops)
         self.device = x0.device
         self.checkpoints = torch.tensor(cps, dtype=torch.long, device=self.device)
         self.queries = torch.zeros(P, dtype=torch.long, device=self.device)
         self.at = torch.full((P, len(cps)), float("inf"), device=self.device)
         self.on_query = on_query
         self.lower, self.upper = oracle.bounds
+
+    def subset(self, rows: torch.Tensor, limit: torch.Tensor) -> "PairTracker":
+        """A tracker for problems ``rows`` that continues their counts and records with new
+        total limits ``limit`` (``(len(rows),)``); write it back with :meth:`merge`."""
+        sub = PairTracker(self.oracle, self.x0[rows], self.source[rows], self.target[rows], limit,
+                          tuple(self.checkpoints.tolist()), self.on_query)
+        if not torch.equal(sub.checkpoints, self.checkpoints):
+            raise ValueError("a continued tracker's limits must not exceed its largest checkpoint")
+        sub.queries = self.queries[rows].clone()
+        sub.at = self.at[rows].clone()
+        return sub
+
+    def merge(self, rows: torch.Tensor, sub: "PairTracker") -> None:
+        self.queries[rows] = sub.queries
+        self.at[rows] = sub.at
 
     @property
     def num_problems(self) -> int:
@@ -79,7 +97,7 @@ class PairTracker:
 
     def remaining(self) -> torch.Tensor:
         """``(P,)`` queries each problem may still make."""
-        return self.budget - self.queries
+        return self.limit - self.queries
 
     def clip(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp(self.lower, self.upper)
@@ -99,10 +117,10 @@ class PairTracker:
         if M == 0:
             return torch.zeros(0, dtype=torch.bool, device=self.device)
         counts = torch.bincount(idx, minlength=self.num_problems)
-        if bool((self.queries + counts > self.budget).any()):
-            bad = int(torch.nonzero(self.queries + counts > self.budget)[0])
+        if bool((self.queries + counts > self.limit).any()):
+            bad = int(torch.nonzero(self.queries + counts > self.limit)[0])
             raise RuntimeError(
-                f"estimator bug: problem {bad} would exceed its per-pair budget of {self.budget}"
+                f"estimator bug: problem {bad} would exceed its per-pair budget of {int(self.limit[bad])}"
             )
         x = self.clip(x)
         labels = self.oracle(x)

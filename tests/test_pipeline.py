@@ -1,0 +1,552 @@
+"""Whole experiments (``zsdb3kd.pipeline``): DB3KD and zero-shot runs end to end on a small
+Fashion-MNIST npz copy, stage reuse, run-directory protection and config validation.
+
+One LeNet-5 teacher is trained once for the module (6,000 training images, 3 epochs;
+about 80% test accuracy on the 2,000 test images used here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import zsdb3kd.data
+import zsdb3kd.oracle
+import zsdb3kd.pipeline
+from zsdb3kd.cli import main
+from zsdb3kd.data import DEFAULT_ROOTS, DataError, load_dataset
+from zsdb3kd.oracle import LabelOracle, QueryBudgetExceeded, load_oracle
+from zsdb3kd.pipeline import (
+    ConfigError, DataConfig, RobustnessConfig, RunConfig, StudentConfig, SynthesisConfig, TeacherConfig,
+    load_config, run_experiment, validate_config,
+)
+from zsdb3kd.synthesis import PseudoSamples
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:matplotlib")
+
+FMNIST = Path(DEFAULT_ROOTS["fashion-mnist"])
+if not FMNIST.is_dir():
+    pytest.skip(f"Fashion-MNIST not installed at {FMNIST}", allow_module_level=True)
+
+N_TRAIN, N_TEST, VAL = 6000, 2000, 500
+SUBSET = 100
+K = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (and 2-thread OpenMP spins badly on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _quiet():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    try:
+        train = load_dataset("fashion-mnist", split="train")
+        test = load_dataset("fashion-mnist", split="test")
+    except DataError as e:
+        pytest.skip(f"Fashion-MNIST unreadable: {e}")
+    d = tmp_path_factory.mktemp("fmnist-npz")
+
+    def u8(x: torch.Tensor) -> np.ndarray:
+        return (x[:, 0] * 255).round().to(torch.uint8).numpy()
+
+    np.savez(d / "train.npz", x=u8(train.x[:N_TRAIN]), y=train.y[:N_TRAIN].numpy())
+    np.savez(d / "test.npz", x=u8(test.x[:N_TEST]), y=test.y[:N_TEST].numpy())
+    return d
+
+
+@pytest.fixture(scope="module")
+def teacher(data_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "lenet5.safetensors"
+    with _quiet():
+        rc = main(["train-teacher", "--data", "npz", "--data-root", str(data_dir), "--val-size", str(VAL),
+                   "--arch", "lenet5", "--epochs", "3", "--lr", "1e-2", "--out", str(path), "--no-progress"])
+    assert rc == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def test_set(data_dir):
+    return load_dataset("npz", data_dir, "test")
+
+
+def _teacher_acc(teacher, test_set) -> float:
+    return float((load_oracle(teacher)(test_set.x) == test_set.y).float().mean() * 100)
+
+
+def test_teacher_is_good_enough(teacher, test_set):
+    assert len(test_set) == N_TEST
+    assert _teacher_acc(teacher, test_set) >= 75.0  # measured 79.95%
+
+
+class QueryLog:
+    """Records every batch any LabelOracle is asked (monkeypatched ``LabelOracle.__call__``)."""
+
+    def __init__(self, monkeypatch):
+        self.batches: list[torch.Tensor] = []
+        orig = LabelOracle.__call__
+
+        def spy(oracle, x):
+            self.batches.append(x.detach().cpu().clone())
+            return orig(oracle, x)
+
+        monkeypatch.setattr(LabelOracle, "__call__", spy)
+
+    @property
+    def total(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+# ---------------------------------------------------------------------------------------
+# config files and validation
+# ---------------------------------------------------------------------------------------
+
+STUDENTS_DB = ["ce", "whitebox-kd", "sd", "mbd@100", "mbd@200"]
+
+
+def _db3kd_toml(data_dir, teacher, name="db3kd-e2e") -> str:
+    return f"""
+name = "{name}"
+mode = "db3kd"
+seed = 0
+
+[data]
+name = "npz"
+root = {json.dumps(str(data_dir))}
+val_size = {VAL}
+subset = {SUBSET}
+
+[teacher]
+path = {json.dumps(str(teacher))}
+
+[robustness]
+methods = ["sd", "mbd"]
+budget = 200
+checkpoints = [100, 200]
+chunk_size = 100
+
+[student]
+methods = {json.dumps(STUDENTS_DB)}
+epochs = 5
+batch_size = 64
+lr = 0.01
+"""
+
+
+def _db3kd_config(data_dir, teacher, name="db3kd-e2e") -> RunConfig:
+    return RunConfig(
+        name=name, mode="db3kd", seed=0,
+        data=DataConfig(name="npz", root=str(data_dir), val_size=VAL, subset=SUBSET),
+        teacher=TeacherConfig(path=str(teacher)),
+        robustness=RobustnessConfig(methods=["sd", "mbd"], budget=200, checkpoints=[100, 200], chunk_size=100),
+        student=StudentConfig(methods=list(STUDENTS_DB), epochs=5, batch_size=64, lr=0.01),
+    )
+
+
+def _write(tmp_path, text, name="run.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_load_config_equals_python_config(tmp_path):
+    data_dir, teacher = tmp_path / "data", tmp_path / "T.safetensors"
+    cfg = load_config(_write(tmp_path, _db3kd_toml(data_dir, teacher)))
+    assert cfg == _db3kd_config(data_dir, teacher)
+    # untouched sections keep their defaults
+    assert cfg.synthesis == SynthesisConfig() and cfg.teacher.arch == TeacherConfig().arch
+
+
+def test_load_config_zero_shot_sections(tmp_path):
+    cfg = load_config(_write(tmp_path, """
+mode = "zero-shot"
+[synthesis]
+per_class = 7
+snapshots = [0, 3]
+noise = "smooth"
+[robustness]
+methods = ["hsja"]
+budget = 50
+checkpoints = [50]
+options = { hsja = { n_dirs = 2 } }
+[student]
+methods = ["noise-ce", "zs-ce", "hsja@50"]
+"""))
+    assert cfg.mode == "zero-shot"
+    assert cfg.synthesis.per_class == 7 and cfg.synthesis.snapshots == [0, 3] and cfg.synthesis.noise == "smooth"
+    assert cfg.synthesis.iterations == SynthesisConfig().iterations
+    assert cfg.robustness.options == {"hsja": {"n_dirs": 2}}
+    assert cfg.student.methods == ["noise-ce", "zs-ce", "hsja@50"]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("bogus = 1\n", ["bogus"]),
+    ("[data]\nsubsett = 5\n", ["subsett", "data"]),
+    ("[robustness]\nmethods = ['mbd']\nbudgett = 5\n", ["budgett", "robustness"]),
+    ("[synthesis]\nper_clas = 5\n", ["per_clas", "synthesis"]),
+    ("[nosuchsection]\nx = 1\n", ["nosuchsection"]),
+])
+def test_unknown_key_is_named(tmp_path, text, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, text))
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[robustness]\nmethods = ['mbd', 'magic']\n[student]\nmethods = ['ce']\n", "magic"),
+    ("[robustness]\nmethods = ['mbd']\nbudget = 2000\n[student]\nmethods = ['mbd@999999']\n", "999999"),
+    ("[robustness]\nmethods = ['mbd']\n[student]\nmethods = ['mbd@lots']\n", "integer"),
+    ("[robustness]\nmethods = ['mbd']\n[student]\nmethods = ['bd@100']\n", "bd"),
+    ("mode = 'db3kd'\n[robustness]\nmethods = ['mbd']\n[student]\nmethods = ['noise-ce']\n", "noise-ce"),
+    ("mode = 'db3kd'\n[robustness]\nmethods = ['mbd']\n[student]\nmethods = ['zs-ce']\n", "zs-ce"),
+    ("mode = 'zero-shot'\n[robustness]\nmethods = ['mbd']\n[student]\nmethods = ['ce']\n", "'ce'"),
+    ("mode = 'zero-shot'\n[robustness]\nmethods = ['mbd']\n[student]\nmethods = ['whitebox-kd']\n", "whitebox-kd"),
+    ("mode = 'few-shot'\n", "mode"),
+    ("device = 'tpu'\n", "device"),
+    ("[data]\nsubset = 0\n", "subset"),
+    ("data = 3\n", "table"),
+])
+def test_invalid_config_is_refused(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(_write(tmp_path, text))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: load_config does not check value types: a string where a number "
+                   "belongs crashes validate_config with a TypeError (uncaught by the CLI: traceback) or is "
+                   "accepted and fails later (seed = 'x')")
+@pytest.mark.parametrize("text, key", [
+    ("[data]\nsubset = \"100\"\n", "subset"),
+    ("seed = \"x\"\n", "seed"),
+    ("[robustness]\nmethods = ['mbd']\nbudget = \"2000\"\n[student]\nmethods = ['mbd']\n", "budget"),
+])
+def test_wrong_value_type_is_a_config_error(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(_write(tmp_path, text))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: validate_config checks neither [student] training settings nor "
+                   "[synthesis] nor [robustness] budget/chunk_size; load_config accepts them and the run fails "
+                   "with a plain ValueError only when the stage is reached (after the teacher/robustness stages)")
+@pytest.mark.parametrize("text, key", [
+    ("[robustness]\nmethods = ['sd']\n[student]\nmethods = ['sd']\nepochs = 0\n", "epochs"),
+    ("[robustness]\nmethods = ['sd']\n[student]\nmethods = ['sd']\nkl_reduction = 'mean'\n", "kl_reduction"),
+    ("[robustness]\nmethods = ['mbd']\nbudget = 0\n[student]\nmethods = ['mbd']\n", "budget"),
+    ("[robustness]\nmethods = ['mbd']\nchunk_size = 0\n[student]\nmethods = ['mbd']\n", "chunk_size"),
+    ("mode = 'zero-shot'\n[robustness]\nmethods = ['mbd']\n[student]\nmethods = ['zs-ce']\n"
+     "[synthesis]\nnoise = 'gaussian'\n", "noise"),
+    ("mode = 'zero-shot'\n[robustness]\nmethods = ['mbd']\n[student]\nmethods = ['zs-ce']\n"
+     "[synthesis]\nsearch_budget = 10\nsearch_k = 40\n", "search_budget"),
+])
+def test_invalid_stage_settings_are_refused_up_front(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(_write(tmp_path, text))
+
+
+def test_budget_at_the_limit_is_accepted(tmp_path):
+    cfg = load_config(_write(tmp_path, "[robustness]\nmethods = ['mbd']\nbudget = 300\n"
+                                       "[student]\nmethods = ['mbd@300', 'mbd']\n"))
+    assert cfg.student.methods == ["mbd@300", "mbd"]
+    assert zsdb3kd.pipeline.parse_student_method("mbd", cfg) == ("mbd", 300)
+    assert zsdb3kd.pipeline.parse_student_method("mbd@120", cfg) == ("mbd", 120)
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="TOML"):
+        load_config(_write(tmp_path, "name = \n[data\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_run_experiment_validates_before_touching_the_run_dir(tmp_path):
+    cfg = RunConfig(student=StudentConfig(methods=["noise-ce"]))  # db3kd mode
+    with pytest.raises(ConfigError):
+        validate_config(cfg)
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="noise-ce"):
+        run_experiment(cfg, run, progress=False)
+    assert not run.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# DB3KD end to end
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def db3kd_run(data_dir, teacher, tmp_path_factory):
+    base = tmp_path_factory.mktemp("db3kd")
+    cfg_path = _write(base, _db3kd_toml(data_dir, teacher))
+    run = base / "run"
+    t0 = time.perf_counter()
+    with _quiet():
+        report = run_experiment(cfg_path, run, progress=False)
+    return cfg_path, run, report, time.perf_counter() - t0
+
+
+def _rows(report):
+    return {r["method"]: r for r in report["students"]}
+
+
+def test_db3kd_report(db3kd_run, teacher, test_set):
+    cfg_path, run, report, _ = db3kd_run
+    for f in ("report.md", "report.json", "accuracy_vs_queries.png", "config.resolved.json"):
+        assert (run / f).is_file() and (run / f).stat().st_size > 0, f
+    assert (run / "accuracy_vs_queries.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run / "report.json").read_text()) == json.loads(json.dumps(report, default=str))
+    assert report["mode"] == "db3kd"
+    assert report["data"] == {"name": "npz", "subset": SUBSET, "val": VAL, "test": N_TEST}
+    assert report["teacher"]["test_acc"] == pytest.approx(_teacher_acc(teacher, test_set), abs=1e-3)
+    rows = _rows(report)
+    assert [r["method"] for r in report["students"]] == STUDENTS_DB
+    md = (run / "report.md").read_text()
+    for r in report["students"]:
+        assert 0.0 <= r["test_acc"] <= 100.0 and 0.0 <= r["val_acc"] <= 100.0
+        assert r["test_acc"] > 20.0  # chance is 10%; measured 47-57% after 5 epochs on 100 images
+        assert f"| {r['method']} |" in md
+        assert f"{r['test_acc']:,.2f}" in md
+        stem = f"student-{r['method'].replace('@', '-')}-"
+        assert len(list(run.glob(stem + "*.safetensors"))) == 1, stem
+    # query accounting
+    assert rows["ce"]["total_queries"] == SUBSET and rows["ce"]["queries_per_pair"] == 0
+    assert rows["whitebox-kd"]["total_queries"] is None
+    assert rows["sd"]["total_queries"] == SUBSET and rows["sd"]["queries_per_pair"] == 0
+    assert report["robustness"]["sd"]["total_queries"] == SUBSET
+    q100, q200 = rows["mbd@100"]["total_queries"], rows["mbd@200"]["total_queries"]
+    assert rows["mbd@100"]["queries_per_pair"] == 100 and rows["mbd@200"]["queries_per_pair"] == 200
+    assert SUBSET < q100 <= q200 <= SUBSET * (K - 1) * 200 + SUBSET
+    assert q100 <= SUBSET * (K - 1) * 100 + SUBSET
+    assert q200 == report["robustness"]["mbd"]["total_queries"]  # 200 is the whole budget
+    # the robustness artifacts are in the run dir, their chunk dirs cleaned up
+    assert len(list(run.glob("robustness-mbd-*.safetensors"))) == 1
+    assert len(list(run.glob("robustness-sd-*.safetensors"))) == 1
+    assert not list(run.glob("*.parts"))
+
+
+def _numbers(report):
+    r = json.loads(json.dumps(report, default=str))
+    r.pop("wall_time_s")
+    return r
+
+
+def _artifacts(run: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in run.iterdir()
+            if p.suffix in (".safetensors", ".json") and p.name not in ("report.json", "config.resolved.json")}
+
+
+def test_db3kd_rerun_reuses_every_stage(db3kd_run, monkeypatch, test_set):
+    cfg_path, run, report, _ = db3kd_run
+    before = _artifacts(run)
+    log = QueryLog(monkeypatch)
+    with _quiet():
+        again = run_experiment(cfg_path, run, progress=False)
+    assert _numbers(again) == _numbers(report)
+    assert _artifacts(run) == before  # nothing recomputed, nothing new
+    # no training image went to the teacher: the only queries are the (uncounted) teacher
+    # accuracy on the test set
+    assert log.total <= N_TEST
+    assert all(torch.equal(b, test_set.x[: len(b)]) for b in log.batches)
+
+
+def test_db3kd_other_config_needs_force(db3kd_run, data_dir, teacher, tmp_path, monkeypatch, test_set):
+    _, run0, report, _ = db3kd_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    other = replace(_db3kd_config(data_dir, teacher),
+                    student=replace(_db3kd_config(data_dir, teacher).student, methods=["ce", "mbd@100"]))
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_experiment(other, run, progress=False)
+    assert json.loads((run / "report.json").read_text()) == json.loads((run0 / "report.json").read_text())
+    log = QueryLog(monkeypatch)
+    with _quiet():
+        forced = run_experiment(other, run, progress=False, force=True)
+    # finished stages are reused by content: same numbers, no new teacher query on training images
+    assert [r["method"] for r in forced["students"]] == ["ce", "mbd@100"]
+    assert _rows(forced)["ce"] == _rows(report)["ce"]
+    assert _rows(forced)["mbd@100"] == _rows(report)["mbd@100"]
+    assert all(torch.equal(b, test_set.x[: len(b)]) for b in log.batches)
+    assert json.loads((run / "config.resolved.json").read_text())["student"]["methods"] == ["ce", "mbd@100"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a student budget between two checkpoints (mbd@150 with "
+                   "checkpoints [100, 200]) trains on the 100-query soft labels but is reported as 150 queries "
+                   "per pair (and charged the 150-query total); validate_config should refuse it or the row "
+                   "should report the checkpoint actually used")
+def test_student_budget_between_checkpoints(db3kd_run, data_dir, teacher, tmp_path):
+    _, run0, report, _ = db3kd_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    base = _db3kd_config(data_dir, teacher)
+    cfg = replace(base, student=replace(base.student, methods=["mbd@150"]))
+    try:
+        with _quiet():
+            rep = run_experiment(cfg, run, progress=False, force=True)  # robustness stage reused
+    except ConfigError:
+        return  # refused up front: fine
+    row, r100 = _rows(rep)["mbd@150"], _rows(report)["mbd@100"]
+    # the soft labels are those at the 100-query checkpoint (RobustnessResult.at(150)), so the row must
+    # say 100 queries per pair and charge the 100-query total
+    assert row["queries_per_pair"] == 100
+    assert row["total_queries"] == r100["total_queries"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: distill_student calls create_model before train() seeds torch, so "
+                   "a student's initial weights come from whatever the global RNG state is: its result depends on "
+                   "the stages/students run before it in the same invocation, while its cached artifact is keyed "
+                   "only by its own inputs (measured: mbd@100 alone 27.9% vs 57.0% after the other students)")
+def test_student_result_does_not_depend_on_other_students(db3kd_run, data_dir, teacher, tmp_path):
+    _, run0, report, _ = db3kd_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    for f in run.glob("student-*"):
+        f.unlink()  # retrain the students, reuse the robustness stage
+    base = _db3kd_config(data_dir, teacher)
+    cfg = replace(base, student=replace(base.student, methods=["mbd@100"]))
+    with _quiet():
+        rep = run_experiment(cfg, run, progress=False, force=True)
+    assert _rows(rep)["mbd@100"]["val_acc"] == _rows(report)["mbd@100"]["val_acc"]
+    assert _rows(rep)["mbd@100"]["test_acc"] == _rows(report)["mbd@100"]["test_acc"]
+
+
+def test_query_budget_is_enforced(data_dir, teacher, tmp_path):
+    cfg = replace(_db3kd_config(data_dir, teacher), query_budget=SUBSET - 1,
+                  student=StudentConfig(methods=["ce"], epochs=1))
+    with _quiet(), pytest.raises(QueryBudgetExceeded):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+
+
+# ---------------------------------------------------------------------------------------
+# zero-shot end to end
+# ---------------------------------------------------------------------------------------
+
+ZS_BUDGET = 6  # hsja queries per (pseudo sample, target) pair
+
+
+def _zero_shot_config(data_dir, teacher, seed=0) -> RunConfig:
+    # Small settings found by measurement (seeds 0 / 1 / 2, this machine, ~13 s per run):
+    # best zero-shot student (zs-ce, hsja@6) vs noise-ce on the same query total (~36k uniform-noise
+    # samples, the noise_cap default does not bind):
+    #   seed 0: 51.2 / 49.5 vs 9.7  -> margin 41.5
+    #   seed 1: 44.4 / 45.4 vs 9.7  -> margin 35.7
+    #   seed 2: 47.05 / 49.85 vs 9.7 -> margin 40.2
+    # (with other settings noise-ce reached 24% once, so the asserted margin is 10 points)
+    return RunConfig(
+        name="zero-shot-e2e", mode="zero-shot", seed=seed,
+        data=DataConfig(name="npz", root=str(data_dir), val_size=VAL),
+        teacher=TeacherConfig(path=str(teacher)),
+        synthesis=SynthesisConfig(per_class=30, iterations=2, snapshots=[0, 1, 2], search_budget=12, search_k=4,
+                                  search_dirs=2, noise="smooth"),
+        robustness=RobustnessConfig(methods=["hsja"], budget=ZS_BUDGET, checkpoints=[ZS_BUDGET], chunk_size=512,
+                                    options={"hsja": {"n_dirs": 1}}),
+        student=StudentConfig(arch="lenet5-fifth", methods=["noise-ce", "zs-ce", f"hsja@{ZS_BUDGET}"], epochs=10,
+                              batch_size=16, lr=1e-2),
+    )
+
+
+@pytest.fixture(scope="module")
+def zero_shot_run(data_dir, teacher, tmp_path_factory):
+    """The zero-shot run with every way of reading the training split booby-trapped."""
+    run = tmp_path_factory.mktemp("zero-shot") / "run"
+    splits_read: list[str] = []
+    real = zsdb3kd.data.load_dataset
+    sig = inspect.signature(real)
+
+    def guarded(*args, **kwargs):
+        split = sig.bind(*args, **kwargs)
+        split.apply_defaults()
+        splits_read.append(split.arguments["split"])
+        if split.arguments["split"] != "test":
+            raise AssertionError(f"the zero-shot chain read the {split.arguments['split']!r} split")
+        return real(*args, **kwargs)
+
+    def no_splits(*args, **kwargs):
+        raise AssertionError("the zero-shot chain called load_splits (reads the training split)")
+
+    t0 = time.perf_counter()
+    with pytest.MonkeyPatch.context() as mp, _quiet():
+        mp.setattr(zsdb3kd.data, "load_dataset", guarded)
+        mp.setattr(zsdb3kd.pipeline, "load_dataset", guarded)
+        mp.setattr(zsdb3kd.pipeline, "load_splits", no_splits)
+        report = run_experiment(_zero_shot_config(data_dir, teacher), run, progress=False)
+    return run, report, splits_read, time.perf_counter() - t0
+
+
+def test_zero_shot_never_reads_training_data(zero_shot_run):
+    run, report, splits_read, _ = zero_shot_run
+    assert splits_read and set(splits_read) == {"test"}
+    assert (run / "report.json").is_file()
+    assert "no real training" in report["data"]["note"]
+
+
+def test_zero_shot_artifacts(zero_shot_run, teacher):
+    run, report, _, _ = zero_shot_run
+    png = b"\x89PNG\r\n\x1a\n"
+    for f in ("report.md", "report.json", "accuracy_vs_queries.png", "synthesis_distance.png",
+              "pseudo_round0.png", "pseudo_round1.png", "pseudo_round2.png"):
+        assert (run / f).is_file(), f
+        if f.endswith(".png"):
+            assert (run / f).read_bytes()[:8] == png, f
+    assert sorted(p.name for p in run.glob("pseudo_round*.png")) == [f"pseudo_round{i}.png" for i in (0, 1, 2)]
+    md = (run / "report.md").read_text()
+    assert "synthesised from noise" in md and "synthesis_distance.png" in md
+    for i in (0, 1, 2):
+        assert f"pseudo_round{i}.png" in md
+    # the pseudo samples: 30 per class, each labelled by the teacher as its class
+    files = list(run.glob("pseudo-*.safetensors"))
+    assert len(files) == 1 and not list(run.glob("*.parts"))
+    ps = PseudoSamples.load(files[0])
+    assert ps.x.shape == (K * 30, 1, 28, 28) and sorted(ps.snapshots) == [0, 1, 2]
+    assert torch.equal(load_oracle(teacher)(ps.x), ps.y)
+    assert torch.equal(torch.bincount(ps.y, minlength=K), torch.full((K,), 30))
+    syn = report["synthesis"]
+    assert len(syn["mean_distance"]) == 3
+    assert report["data"]["subset"] + report["data"]["val"] == K * 30 and report["data"]["test"] == N_TEST
+
+
+def test_zero_shot_query_accounting(zero_shot_run):
+    _, report, _, _ = zero_shot_run
+    rows = _rows(report)
+    q_syn = report["synthesis"]["total_queries"]
+    assert q_syn == report["synthesis"]["queries_noise"] + report["synthesis"]["queries_push"]
+    assert rows["zs-ce"]["total_queries"] == q_syn
+    soft = rows[f"hsja@{ZS_BUDGET}"]
+    assert soft["total_queries"] == q_syn + report["robustness"]["hsja"]["total_queries"]
+    n = report["data"]["subset"]
+    assert soft["total_queries"] <= q_syn + n * (K - 1) * ZS_BUDGET + n
+    # the uniform-noise baseline gets as many samples as the most expensive zero-shot student
+    noise = rows["noise-ce"]
+    assert noise["total_queries"] == min(max(rows["zs-ce"]["total_queries"], soft["total_queries"]),
+                                         StudentConfig().noise_cap)
+    assert f"{noise['total_queries']:,} samples" in noise["label"]
+    for r in report["students"]:
+        assert 0.0 <= r["test_acc"] <= 100.0
+
+
+def test_zero_shot_beats_uniform_noise_on_the_same_budget(zero_shot_run):
+    """The issue's CI requirement: a small zero-shot run beats the uniform-noise baseline."""
+    _, report, _, seconds = zero_shot_run
+    rows = _rows(report)
+    best = max(rows["zs-ce"]["test_acc"], rows[f"hsja@{ZS_BUDGET}"]["test_acc"])
+    assert best >= rows["noise-ce"]["test_acc"] + 10.0, rows
+    assert best >= 30.0  # measured 45-51%; chance is 10%
