@@ -1,8 +1,8 @@
 """Whole experiments (``zsdb3kd.pipeline``): DB3KD and zero-shot runs end to end on a small
 Fashion-MNIST npz copy, stage reuse, run-directory protection and config validation.
 
-One LeNet-5 teacher is trained once for the module (6,000 training images, 3 epochs;
-about 80% test accuracy on the 2,000 test images used here).
+One LeNet-5 teacher is trained once for the module (6,000 training images, 3 epochs, lr 1e-2;
+79.5% test accuracy on the 2,000 test images used here).
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher(data_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "lenet5.safetensors"
+    # train-teacher does not seed torch before building the model (see the RNG xfail below): seed it
+    # here so the teacher does not depend on which tests ran before in this process
+    torch.manual_seed(0)
     with _quiet():
         rc = main(["train-teacher", "--data", "npz", "--data-root", str(data_dir), "--val-size", str(VAL),
                    "--arch", "lenet5", "--epochs", "3", "--lr", "1e-2", "--out", str(path), "--no-progress"])
@@ -96,7 +99,7 @@ def _teacher_acc(teacher, test_set) -> float:
 
 def test_teacher_is_good_enough(teacher, test_set):
     assert len(test_set) == N_TEST
-    assert _teacher_acc(teacher, test_set) >= 75.0  # measured 79.95%
+    assert _teacher_acc(teacher, test_set) >= 75.0  # measured 79.5%
 
 
 class QueryLog:
@@ -444,13 +447,15 @@ ZS_BUDGET = 6  # hsja queries per (pseudo sample, target) pair
 
 
 def _zero_shot_config(data_dir, teacher, seed=0) -> RunConfig:
-    # Small settings found by measurement (seeds 0 / 1 / 2, this machine, ~13 s per run):
-    # best zero-shot student (zs-ce, hsja@6) vs noise-ce on the same query total (~36k uniform-noise
-    # samples, the noise_cap default does not bind):
-    #   seed 0: 51.2 / 49.5 vs 9.7  -> margin 41.5
-    #   seed 1: 44.4 / 45.4 vs 9.7  -> margin 35.7
-    #   seed 2: 47.05 / 49.85 vs 9.7 -> margin 40.2
-    # (with other settings noise-ce reached 24% once, so the asserted margin is 10 points)
+    # Small settings found by measurement (this machine, ~13 s per run; the module's teacher: LeNet-5,
+    # 79.5% test accuracy). Best zero-shot student (zs-ce / hsja@6) vs noise-ce trained on as many
+    # uniform-noise samples as the run's query total (~35k; the noise_cap default does not bind):
+    #   seed 0: 44.55 / 46.75 vs 9.85 -> margin 36.9
+    #   seed 1: 45.15 / 46.85 vs 9.85 -> margin 37.0
+    #   seed 2: 41.85 / 37.15 vs 9.85 -> margin 32.0
+    # and, with students seeded before their initialisation (the fix proposed for the RNG xfail below),
+    # 35.8 / 37.4 / 38.4. With other teachers or settings noise-ce reached 24% once and zs-ce 34%,
+    # so the asserted margin is 10 points.
     return RunConfig(
         name="zero-shot-e2e", mode="zero-shot", seed=seed,
         data=DataConfig(name="npz", root=str(data_dir), val_size=VAL),
@@ -549,4 +554,4 @@ def test_zero_shot_beats_uniform_noise_on_the_same_budget(zero_shot_run):
     rows = _rows(report)
     best = max(rows["zs-ce"]["test_acc"], rows[f"hsja@{ZS_BUDGET}"]["test_acc"])
     assert best >= rows["noise-ce"]["test_acc"] + 10.0, rows
-    assert best >= 30.0  # measured 45-51%; chance is 10%
+    assert best >= 30.0  # measured 42-48%; chance is 10%

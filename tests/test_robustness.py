@@ -259,3 +259,48 @@ def test_nearest_allocation_keeps_the_sample_budget_and_refines_the_nearest(meth
 def test_nearest_allocation_needs_an_iterative_method():
     with pytest.raises(ValueError, match="iterative"):
         RobustnessSettings(method="bd", allocation="nearest")
+
+
+def test_workers_share_a_work_dir_through_chunk_locks(tmp_path, linear_teacher, linear_data):
+    import shutil
+    import socket
+    import subprocess
+    import threading
+
+    xs = _samples(6)
+    pool = CandidatePool(*linear_data)
+    s = RobustnessSettings(method="hsja", budget=200, checkpoints=(100, 200), chunk_size=2, seed=1)
+    ref_dir = tmp_path / "ref"
+    full = compute_robustness(TorchOracle(linear_teacher, SHAPE, K), xs, s, pool=pool, work_dir=ref_dir,
+                              progress=False)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    # chunk 0: lock left by a dead process (kill -9): taken over
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (parts / "chunk-00000.safetensors.lock").write_text(f"{dead.pid} {socket.gethostname()}")
+    # chunk 1: held by a live worker: skipped, then picked up once that worker writes it
+    live = subprocess.Popen(["sleep", "60"])
+    (parts / "chunk-00001.safetensors.lock").write_text(f"{live.pid} {socket.gethostname()}")
+    oracle = TorchOracle(linear_teacher, SHAPE, K)
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(r=compute_robustness(oracle, xs, s, pool=pool,
+                                                                             work_dir=parts, progress=False)))
+    try:
+        worker.start()
+        for _ in range(200):  # wait until chunks 0 and 2 are done and chunk 1 is awaited
+            if (parts / "chunk-00002.safetensors").exists() and (parts / "chunk-00000.safetensors").exists():
+                break
+            worker.join(0.05)
+        assert worker.is_alive() and not (parts / "chunk-00001.safetensors").exists()
+        # the other worker finishes: writes the chunk, removes its lock
+        shutil.copy(ref_dir / "chunk-00001.safetensors", parts / "chunk-00001.safetensors")
+        (parts / "chunk-00001.safetensors.lock").unlink()
+        worker.join(30)
+        assert not worker.is_alive()
+    finally:
+        live.kill()
+    res = out["r"]
+    torch.testing.assert_close(res.distances, full.distances, rtol=0, atol=0, equal_nan=True)
+    assert oracle.queries == full.total_queries - (int(full.queries[2:4].sum()) + 2)  # chunk 1 not recomputed
+    assert not list(parts.glob("*.lock"))

@@ -7,7 +7,9 @@ own class). Pairs of ``chunk_size`` samples are searched together, all targets a
 
 Each finished chunk is written to ``<out>.parts/`` at once, so an interrupted run (even
 ``kill -9``) resumes from the last finished chunk; chunk ``i`` always uses the random
-seed ``(seed, i)``, so a resumed run equals an uninterrupted one. The result file holds
+seed ``(seed, i)``, so a resumed run equals an uninterrupted one. Workers claim chunks
+with lock files, so several processes (or machines sharing the directory) can work on one
+run at once; each then waits for the others' chunks and writes the same result. The result file holds
 the distances at every checkpoint budget, the queries per pair and the provenance.
 """
 
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -149,6 +152,44 @@ class RobustnessResult:
         return cls(provenance=provenance, **tensors)
 
 
+def _lock_path(part: Path) -> Path:
+    return part.with_name(part.name + ".lock")
+
+
+def _claim(part: Path, _retry: bool = True) -> bool:
+    """Claim a chunk for this process with an exclusive lock file (``pid host``), so several
+    workers can share one work directory. A lock left by a dead process on this host (e.g.
+    after ``kill -9``) is taken over."""
+    lock = _lock_path(part)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            pid_s, host = lock.read_text().split()
+            pid = int(pid_s)
+        except (OSError, ValueError):
+            return False  # being written right now: treat as live
+        if host == socket.gethostname() and not _alive(pid) and _retry:
+            lock.unlink(missing_ok=True)
+            return _claim(part, _retry=False)
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}")
+    return True
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own stale lock (an earlier attempt in this process failed)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _chunk_seed(seed: int, chunk: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{chunk}".encode()).digest()[:7], "little")
 
@@ -256,29 +297,40 @@ def compute_robustness(
         else:
             stamp.write_text(json.dumps(info, indent=1, default=str))
     n_chunks = (N + settings.chunk_size - 1) // settings.chunk_size
-    results: list[dict[str, torch.Tensor]] = []
+    done: dict[int, dict[str, torch.Tensor]] = {}
     q_before = oracle.queries
     reused_queries = 0
     t0 = time.perf_counter()
-    est_name = settings.method
-    with QueryProgress(N, f"robustness[{est_name}]", enabled=progress) as bar:
-        for c in range(n_chunks):
-            sl = slice(c * settings.chunk_size, min(N, (c + 1) * settings.chunk_size))
-            part = parts / f"chunk-{c:05d}.safetensors" if parts is not None else None
-            if part is not None and part.exists():
-                res = load_file(str(part))
-                reused_queries += int(res["queries"].sum()) + (sl.stop - sl.start)
-                results.append(res)
+    with QueryProgress(N, f"robustness[{settings.method}]", enabled=progress) as bar:
+        todo = list(range(n_chunks))
+        while todo:
+            waiting = []
+            for c in todo:
+                sl = slice(c * settings.chunk_size, min(N, (c + 1) * settings.chunk_size))
+                part = parts / f"chunk-{c:05d}.safetensors" if parts is not None else None
+                if part is not None and part.exists():
+                    done[c] = load_file(str(part))
+                    reused_queries += int(done[c]["queries"].sum()) + (sl.stop - sl.start)
+                    bar.advance(sl.stop - sl.start)
+                    continue
+                if part is not None and not _claim(part):
+                    waiting.append(c)  # another live worker is computing it
+                    continue
+                gen = torch.Generator().manual_seed(_chunk_seed(settings.seed, c))
+                try:
+                    done[c] = robustness_chunk(oracle, x[sl], settings, pool, gen, on_query=bar.queries)
+                    if part is not None:
+                        tmp = part.with_name(part.name + ".tmp")
+                        save_file({k: v.contiguous() for k, v in done[c].items()}, str(tmp))
+                        os.replace(tmp, part)
+                finally:
+                    if part is not None:
+                        _lock_path(part).unlink(missing_ok=True)
                 bar.advance(sl.stop - sl.start)
-                continue
-            gen = torch.Generator().manual_seed(_chunk_seed(settings.seed, c))
-            res = robustness_chunk(oracle, x[sl], settings, pool, gen, on_query=bar.queries)
-            if part is not None:
-                tmp = part.with_name(part.name + ".tmp")
-                save_file({k: v.contiguous() for k, v in res.items()}, str(tmp))
-                os.replace(tmp, part)
-            results.append(res)
-            bar.advance(sl.stop - sl.start)
+            todo = waiting
+            if todo:
+                time.sleep(2.0)
+    results = [done[c] for c in range(n_chunks)]
     wall = time.perf_counter() - t0
     cat = {k: torch.cat([r[k] for r in results]) for k in results[0]} if results else {}
     spent = oracle.queries - q_before
