@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import zsdb3kd.data
-import zsdb3kd.oracle
 import zsdb3kd.pipeline
 from zsdb3kd.cli import main
 from zsdb3kd.data import DEFAULT_ROOTS, DataError, load_dataset
@@ -78,7 +77,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher(data_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "lenet5.safetensors"
-    # train-teacher does not seed torch before building the model (see the RNG xfail below): seed it
+    # seed anyway so the fixture does not depend on the tests that ran before it
     # here so the teacher does not depend on which tests ran before in this process
     torch.manual_seed(0)
     with _quiet():
@@ -235,9 +234,6 @@ def test_invalid_config_is_refused(tmp_path, text, match):
         load_config(_write(tmp_path, text))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load_config does not check value types: a string where a number "
-                   "belongs crashes validate_config with a TypeError (uncaught by the CLI: traceback) or is "
-                   "accepted and fails later (seed = 'x')")
 @pytest.mark.parametrize("text, key", [
     ("[data]\nsubset = \"100\"\n", "subset"),
     ("seed = \"x\"\n", "seed"),
@@ -248,9 +244,6 @@ def test_wrong_value_type_is_a_config_error(tmp_path, text, key):
         load_config(_write(tmp_path, text))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: validate_config checks neither [student] training settings nor "
-                   "[synthesis] nor [robustness] budget/chunk_size; load_config accepts them and the run fails "
-                   "with a plain ValueError only when the stage is reached (after the teacher/robustness stages)")
 @pytest.mark.parametrize("text, key", [
     ("[robustness]\nmethods = ['sd']\n[student]\nmethods = ['sd']\nepochs = 0\n", "epochs"),
     ("[robustness]\nmethods = ['sd']\n[student]\nmethods = ['sd']\nkl_reduction = 'mean'\n", "kl_reduction"),
@@ -271,7 +264,8 @@ def test_budget_at_the_limit_is_accepted(tmp_path):
                                        "[student]\nmethods = ['mbd@300', 'mbd']\n"))
     assert cfg.student.methods == ["mbd@300", "mbd"]
     assert zsdb3kd.pipeline.parse_student_method("mbd", cfg) == ("mbd", 300)
-    assert zsdb3kd.pipeline.parse_student_method("mbd@120", cfg) == ("mbd", 120)
+    with pytest.raises(ConfigError, match="checkpoints"):  # only recorded budgets can be read
+        zsdb3kd.pipeline.parse_student_method("mbd@120", cfg)
 
 
 def test_invalid_toml_and_missing_file(tmp_path):
@@ -326,7 +320,7 @@ def test_db3kd_report(db3kd_run, teacher, test_set):
     md = (run / "report.md").read_text()
     for r in report["students"]:
         assert 0.0 <= r["test_acc"] <= 100.0 and 0.0 <= r["val_acc"] <= 100.0
-        assert r["test_acc"] > 20.0  # chance is 10%; measured 47-57% after 5 epochs on 100 images
+        assert r["test_acc"] > 20.0  # chance is 10%; measured 36-59% after 5 epochs on 100 images
         assert f"| {r['method']} |" in md
         assert f"{r['test_acc']:,.2f}" in md
         stem = f"student-{r['method'].replace('@', '-')}-"
@@ -381,6 +375,7 @@ def test_db3kd_other_config_needs_force(db3kd_run, data_dir, teacher, tmp_path, 
     with pytest.raises(ConfigError, match="different configuration"):
         run_experiment(other, run, progress=False)
     assert json.loads((run / "report.json").read_text()) == json.loads((run0 / "report.json").read_text())
+    assert (run / "config.resolved.json").read_text() == (run0 / "config.resolved.json").read_text()
     log = QueryLog(monkeypatch)
     with _quiet():
         forced = run_experiment(other, run, progress=False, force=True)
@@ -392,10 +387,6 @@ def test_db3kd_other_config_needs_force(db3kd_run, data_dir, teacher, tmp_path, 
     assert json.loads((run / "config.resolved.json").read_text())["student"]["methods"] == ["ce", "mbd@100"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a student budget between two checkpoints (mbd@150 with "
-                   "checkpoints [100, 200]) trains on the 100-query soft labels but is reported as 150 queries "
-                   "per pair (and charged the 150-query total); validate_config should refuse it or the row "
-                   "should report the checkpoint actually used")
 def test_student_budget_between_checkpoints(db3kd_run, data_dir, teacher, tmp_path):
     _, run0, report, _ = db3kd_run
     run = tmp_path / "run"
@@ -414,10 +405,6 @@ def test_student_budget_between_checkpoints(db3kd_run, data_dir, teacher, tmp_pa
     assert row["total_queries"] == r100["total_queries"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: distill_student calls create_model before train() seeds torch, so "
-                   "a student's initial weights come from whatever the global RNG state is: its result depends on "
-                   "the stages/students run before it in the same invocation, while its cached artifact is keyed "
-                   "only by its own inputs (measured: mbd@100 alone 27.9% vs 57.0% after the other students)")
 def test_student_result_does_not_depend_on_other_students(db3kd_run, data_dir, teacher, tmp_path):
     _, run0, report, _ = db3kd_run
     run = tmp_path / "run"
@@ -453,7 +440,7 @@ def _zero_shot_config(data_dir, teacher, seed=0) -> RunConfig:
     #   seed 0: 44.55 / 46.75 vs 9.85 -> margin 36.9
     #   seed 1: 45.15 / 46.85 vs 9.85 -> margin 37.0
     #   seed 2: 41.85 / 37.15 vs 9.85 -> margin 32.0
-    # and, with students seeded before their initialisation (the fix proposed for the RNG xfail below),
+    # and, with students seeded before their initialisation (as they now are),
     # 35.8 / 37.4 / 38.4. With other teachers or settings noise-ce reached 24% once and zs-ce 34%,
     # so the asserted margin is 10 points.
     return RunConfig(

@@ -285,6 +285,29 @@ def test_untargeted_search_finds_real_boundary_points():
     assert (_labels(teacher, tip) != y[f]).all()
 
 
+def _band(x: torch.Tensor) -> torch.Tensor:
+    """A non-linear teacher: the class is the band of the mean intensity (4 bands of width 0.25), so
+    moving away from one band edge soon crosses the other."""
+    return (x.reshape(len(x), -1).mean(1) * K).floor().long().clamp(0, K - 1)
+
+
+def test_moves_that_would_change_the_label_are_halved():
+    # a step of 2.0 (L2) shifts the mean of an 8x8 image by up to 0.25, a whole band: unchecked moves
+    # change labels (without the check 1 of 16 final labels and snapshots 1..3 are wrong)
+    s = SynthesisSettings(**{**SMALL, "step": 2.0, "snapshots": (0, 1, 2, 3)})
+    oracle = FunctionOracle(_band, SHAPE, K)
+    p = synthesize(oracle, s, progress=False)
+    assert torch.equal(_band(p.x), p.y)
+    for it, xs in p.snapshots.items():
+        assert torch.equal(_band(xs), p.y), f"snapshot {it}"
+    for it in range(s.iterations):
+        moved = (p.snapshots[it + 1] - p.snapshots[it]).reshape(len(p.y), -1).norm(dim=1)
+        assert float(moved.max()) <= s.step + 1e-5  # a move is at most lam (clipping only shortens it)
+        assert float(moved.max()) > 0
+    assert float(p.mean_distance[-1]) > float(p.mean_distance[0])
+    assert p.provenance["total_queries"] == oracle.queries
+
+
 def test_synthesize_provenance_counts_every_query(small_run):
     _, oracle, s, p = small_run
     prov = p.provenance

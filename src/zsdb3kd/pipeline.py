@@ -134,8 +134,36 @@ def _build(cls, raw: dict[str, Any], where: str):
         if is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}" if where else name)
         else:
+            _check_type(value, f.type, f"[{where or 'top level'}] {name}")
             kwargs[name] = value
     return cls(**kwargs)
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> None:
+    """Check a TOML value against a field annotation such as ``int``, ``int | None``, ``list[int]``."""
+    ann = str(annotation).replace(" ", "")
+    if value is None or ann.startswith("dict["):
+        return
+    options = ann.split("|")
+    for opt in options:
+        if opt == "None":
+            continue
+        if opt.startswith("list["):
+            inner = _TYPES.get(opt[5:-1])
+            if isinstance(value, list) and (inner is None or all(isinstance(v, inner) and not
+                                                                   (isinstance(v, bool) and bool not in inner)
+                                                                   for v in value)):
+                return
+        elif opt in _TYPES:
+            ok = _TYPES[opt]
+            if isinstance(value, ok) and not (isinstance(value, bool) and bool not in ok):
+                return
+        else:
+            return  # an annotation we do not check
+    raise ConfigError(f"{where} must be {ann.replace('|', ' or ')}, got {type(value).__name__} {value!r}")
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:
@@ -164,6 +192,20 @@ def validate_config(cfg: RunConfig) -> None:
             raise ConfigError(f"robustness.methods: unknown method {m!r}; known: {sorted(PRESETS)}")
     for spec in cfg.student.methods:
         parse_student_method(spec, cfg)
+    checks = [("[teacher]", lambda: TrainConfig(epochs=cfg.teacher.epochs, lr=cfg.teacher.lr,
+                                                 batch_size=cfg.teacher.batch_size)),
+              ("[student]", lambda: _student_config(cfg))]
+    for m in cfg.robustness.methods:
+        checks.append((f"[robustness] ({m})", lambda m=m: _robustness_settings(cfg, m)))
+    if cfg.mode == "zero-shot":
+        checks.append(("[synthesis]", lambda: _synthesis_settings(cfg)))
+        if not 0 < cfg.student.val_fraction < 1:
+            raise ConfigError(f"[student] val_fraction must be in (0, 1), got {cfg.student.val_fraction}")
+    for where, build in checks:
+        try:
+            build()
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def parse_student_method(spec: str, cfg: RunConfig) -> tuple[str, int | None]:
@@ -186,6 +228,9 @@ def parse_student_method(spec: str, cfg: RunConfig) -> tuple[str, int | None]:
             raise ConfigError(f"student method {spec!r}: budget after '@' must be an integer") from None
         if budget > rob.budget:
             raise ConfigError(f"student method {spec!r}: {budget} exceeds robustness.budget {rob.budget}")
+        if budget != rob.budget and budget not in rob.checkpoints and method != "sd":
+            raise ConfigError(f"student method {spec!r}: {budget} is not a recorded budget; "
+                              f"add it to robustness.checkpoints {rob.checkpoints}")
     return method, budget
 
 
@@ -245,6 +290,7 @@ def choose_subset(n_total: int, n: int, seed: int) -> torch.Tensor:
 def train_teacher(splits: Splits, arch: str, out: str | os.PathLike, config: TrainConfig, *, device: str = "cpu",
                   progress: bool | None = None) -> dict[str, Any]:
     """Cross-entropy training of a registry model; selects on val, reports test accuracy once."""
+    torch.manual_seed(config.seed)  # initial weights depend on the seed only, not on earlier stages
     model = create_model(arch, num_classes=len(splits.train.classes), input_shape=splits.train.shape)
     res = train(model, splits.train.x, splits.train.y, splits.val.x, splits.val.y, config, device=device,
                 desc=f"teacher[{arch}]", progress=progress)
@@ -273,6 +319,7 @@ def distill_student(
     extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train a student (CE or KD), select on ``val``, evaluate once on ``test``, save it."""
+    torch.manual_seed(config.seed)  # initial weights depend on the seed only, not on earlier students
     model = create_model(arch, num_classes=num_classes, input_shape=tuple(x.shape[1:]))
     res = train(model, x, y, val[0], val[1], config, teacher_logits=teacher_logits, device=device, desc=desc,
                 progress=progress)
@@ -350,12 +397,7 @@ def _stage_teacher(cfg: RunConfig, run: Path, progress) -> tuple[Path, dict[str,
 def _stage_robustness(oracle: LabelOracle, method: str, x: torch.Tensor, indices: torch.Tensor,
                       pool: CandidatePool, cfg: RunConfig, run: Path, teacher_sha: str, data_key: str,
                       data_name: str, progress) -> tuple[RobustnessResult, Path]:
-    settings = RobustnessSettings(
-        method=method, budget=cfg.robustness.budget, checkpoints=tuple(cfg.robustness.checkpoints),
-        seed=cfg.seed, chunk_size=cfg.robustness.chunk_size, options=cfg.robustness.options.get(method, {}),
-        **({} if method in ("sd", "bd") else {"allocation": cfg.robustness.allocation,
-                                              "rank_fraction": cfg.robustness.rank_fraction,
-                                              "top_k": cfg.robustness.top_k}))
+    settings = _robustness_settings(cfg, method)
     rkey = _key("robustness", teacher_sha, data_key, indices.tolist(), settings.key())
     out = run / f"robustness-{method}-{rkey}.safetensors"
     if out.exists():
@@ -372,6 +414,24 @@ def _stage_robustness(oracle: LabelOracle, method: str, x: torch.Tensor, indices
 
     cleanup_parts(parts)
     return res, out
+
+
+def _robustness_settings(cfg: RunConfig, method: str) -> RobustnessSettings:
+    r = cfg.robustness
+    extra = {} if method in ("sd", "bd") else {"allocation": r.allocation, "rank_fraction": r.rank_fraction,
+                                               "top_k": r.top_k}
+    return RobustnessSettings(method=method, budget=r.budget, checkpoints=tuple(r.checkpoints), seed=cfg.seed,
+                              chunk_size=r.chunk_size, options=r.options.get(method, {}), **extra)
+
+
+def _synthesis_settings(cfg: RunConfig):
+    from .synthesis import SynthesisSettings
+
+    sy = cfg.synthesis
+    return SynthesisSettings(per_class=sy.per_class, iterations=sy.iterations, snapshots=tuple(sy.snapshots),
+                             step=sy.step, search_budget=sy.search_budget, search_dirs=sy.search_dirs,
+                             search_k=sy.search_k, noise=sy.noise, noise_budget=sy.noise_budget,
+                             noise_batch=sy.noise_batch, seed=cfg.seed)
 
 
 def _student_config(cfg: RunConfig) -> TrainConfig:
@@ -504,10 +564,7 @@ def _run_zero_shot(cfg, run, teacher_path, teacher_sha, teacher_metrics, progres
     log(f"teacher test accuracy {teacher_metrics['test_acc']:.2f}%")
     oracle = load_oracle(teacher_path, device=device, budget=cfg.query_budget)
     sy = cfg.synthesis
-    ss = SynthesisSettings(per_class=sy.per_class, iterations=sy.iterations, snapshots=tuple(sy.snapshots),
-                           step=sy.step, search_budget=sy.search_budget, search_dirs=sy.search_dirs,
-                           search_k=sy.search_k, noise=sy.noise, noise_budget=sy.noise_budget, noise_batch=sy.noise_batch,
-                           seed=cfg.seed)
+    ss = _synthesis_settings(cfg)
     pkey = _key("synthesis", teacher_sha, ss.key())
     ppath = run / f"pseudo-{pkey}.safetensors"
     if ppath.exists():

@@ -254,7 +254,7 @@ def synthesize(oracle: LabelOracle, settings: SynthesisSettings, *, device: str 
                 lam[idx[ok]] = cur[idx[ok]]
                 pending[idx[ok]] = False
                 cur[idx[~ok]] /= 2
-            theta = th
+            theta = torch.where(found.cpu()[:, None], th, theta)  # keep the last good direction if none found
             q_push += oracle.queries - before
             if (it + 1) in settings.snapshots:
                 snaps[it + 1] = x.clone()

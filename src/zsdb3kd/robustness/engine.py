@@ -330,6 +330,9 @@ def compute_robustness(
             todo = waiting
             if todo:
                 time.sleep(2.0)
+                if not parts.is_dir():
+                    raise RuntimeError(f"work directory {parts} was removed while waiting for other workers' chunks "
+                                       "(another worker finished and wrote the result)")
     results = [done[c] for c in range(n_chunks)]
     wall = time.perf_counter() - t0
     cat = {k: torch.cat([r[k] for r in results]) for k in results[0]} if results else {}
