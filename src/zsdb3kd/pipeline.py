@@ -467,7 +467,7 @@ def _train_row(spec: str, run: Path, cfg: RunConfig, key_parts: list, make_input
         log(f"student[{spec}]: reusing {out.name}")
         return json.loads(mpath.read_text())
     x, y, tl = make_inputs()
-    log(f"student[{spec}]: training {cfg.student.arch} on {len(x)} images for {cfg.student.epochs} epochs")
+    log(f"student[{spec}]: training {cfg.student.arch} on {len(x)} images for {scfg.epochs} epochs")
     metrics = distill_student(cfg.student.arch, x, y, val, test, scfg, out, teacher_logits=tl,
                               num_classes=num_classes, device=cfg.device, desc=f"student[{spec}]",
                               progress=progress, extra={"method": spec})

@@ -216,9 +216,11 @@ def synthesize(oracle: LabelOracle, settings: SynthesisSettings, *, device: str 
         dists = st["mean_distance"].tolist()
         start = int(st["round"])
         q_noise, q_push = int(st["q_noise"]), int(st["q_push"])
+        wall_before = float(st["wall"]) if "wall" in st else 0.0
         snaps = {int(k.split("_")[1]): v for k, v in st.items() if k.startswith("snapshot_")}
     else:
         before = oracle.queries
+        wall_before = 0.0
         x, y = sample_class_noise(oracle, settings, device, progress)
         q_noise = oracle.queries - before
         q_push = 0
@@ -260,7 +262,8 @@ def synthesize(oracle: LabelOracle, settings: SynthesisSettings, *, device: str 
                 snaps[it + 1] = x.clone()
             if state_path is not None:
                 st = {"x": x, "y": y, "lam": lam, "theta": theta, "mean_distance": torch.tensor(dists),
-                      "round": torch.tensor(it + 1), "q_noise": torch.tensor(q_noise), "q_push": torch.tensor(q_push)}
+                      "round": torch.tensor(it + 1), "q_noise": torch.tensor(q_noise), "q_push": torch.tensor(q_push),
+                      "wall": torch.tensor(wall_before + time.perf_counter() - t0, dtype=torch.float64)}
                 st.update({f"snapshot_{k}": v for k, v in snaps.items()})
                 tmp = state_path.with_name("state.tmp")
                 save_file({k: v.contiguous() for k, v in st.items()}, str(tmp))
@@ -277,5 +280,5 @@ def synthesize(oracle: LabelOracle, settings: SynthesisSettings, *, device: str 
         dists.append(float(best[found].mean()) if bool(found.any()) else float("nan"))
     prov = {"settings": asdict(settings), "queries_noise": q_noise, "queries_push": q_push,
             "total_queries": q_noise + q_push, "queries_this_session": oracle.queries - q0,
-            "wall_time_s": round(time.perf_counter() - t0, 2), "n": N}
+            "wall_time_s": round(wall_before + time.perf_counter() - t0, 2), "n": N}
     return PseudoSamples(x, y, snaps, torch.tensor(dists), prov)
