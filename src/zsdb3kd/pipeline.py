@@ -445,7 +445,10 @@ def _soft_row(method: str, budget: int, res: RobustnessResult, extra_queries: in
     tl = logits_from_distances(d, res.teacher_labels)
     frac = queries_at(res, budget) / max(1, res.total_queries)
     failed = int((torch.isinf(d)).sum())
+    own = torch.isnan(d)
+    spent = res.queries.clamp(max=budget)[~own].float()
     row = {"queries_per_pair": budget if method != "sd" else 0,
+           "mean_queries_per_pair": round(float(spent.mean()), 1) if spent.numel() else 0.0,
            "total_queries": (queries_at(res, budget) if method != "sd" else len(res.indices)) + extra_queries,
            "soft_label_time_s": round(res.provenance.get("wall_time_s", 0.0) * frac, 1),
            "failed_pairs": failed}
@@ -679,13 +682,14 @@ def write_report(run: Path, report: dict[str, Any], extras: dict[str, Any] | Non
         f"Teacher `{t.get('arch', t.get('path'))}`: test accuracy {_fmt(t.get('test_acc'))}% "
         f"(sha256 `{t['sha256'][:12]}`). {data_line}",
         "",
-        "| student | method | queries per pair | total teacher queries | soft-label time (s) | train time (s) "
-        "| val acc (%) | test acc (%) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| student | method | budget per pair | mean queries per pair | total teacher queries | soft-label time (s) "
+        "| train time (s) | val acc (%) | test acc (%) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["students"]:
         lines.append(
             f"| {r['method']} | {r.get('label', '')} | {_fmt(r.get('queries_per_pair'))} | "
+            f"{_fmt(r.get('mean_queries_per_pair'), 1)} | "
             f"{_fmt(r.get('total_queries'))} | {_fmt(r.get('soft_label_time_s'), 1)} | "
             f"{_fmt(r.get('train_time_s'), 1)} | {_fmt(r.get('val_acc'))} | {_fmt(r.get('test_acc'))} |")
     if zero:
@@ -761,12 +765,12 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
                      "noise-ce": ("tab:red", ":"), "zs-ce": ("k", "--")}[name]
             ax.axhline(r["test_acc"], color=style[0], ls=style[1], label=f"{r['method']} ({r['test_acc']:.2f}%)")
         else:
-            curves.setdefault(name, []).append((r["queries_per_pair"], r["test_acc"]))
+            curves.setdefault(name, []).append((r.get("mean_queries_per_pair") or r["queries_per_pair"], r["test_acc"]))
     for name, pts in curves.items():
         pts.sort()
         prefix = "ZSDB3KD" if report.get("mode") == "zero-shot" else "DB3KD"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{prefix}-{name.upper()}")
-    ax.set_xlabel("teacher queries per (sample, target) pair")
+    ax.set_xlabel("teacher queries spent per (sample, target) pair (mean)")
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(report["name"])
     if curves:
