@@ -47,6 +47,34 @@ def exact_distance(teacher: LinearTeacher, x0: torch.Tensor, t: int) -> float:
     return float(np.sqrt(r.fun))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (and 2-thread OpenMP spins badly on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fmnist_npz(d, n_train: int, n_test: int):
+    """A directory with ``train.npz``/``test.npz`` holding the first images of the real
+    Fashion-MNIST (skips the test when it is not installed or unreadable)."""
+    from zsdb3kd.data import DataError, load_dataset
+
+    try:
+        train = load_dataset("fashion-mnist", split="train")
+        test = load_dataset("fashion-mnist", split="test")
+    except DataError as e:
+        pytest.skip(f"Fashion-MNIST unreadable: {e}")
+
+    def u8(x: torch.Tensor) -> np.ndarray:
+        return (x[:, 0] * 255).round().to(torch.uint8).numpy()
+
+    np.savez(d / "train.npz", x=u8(train.x[:n_train]), y=train.y[:n_train].numpy())
+    np.savez(d / "test.npz", x=u8(test.x[:n_test]), y=test.y[:n_test].numpy())
+    return d
+
+
 @pytest.fixture
 def linear_teacher() -> LinearTeacher:
     return LinearTeacher()

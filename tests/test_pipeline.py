@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fmnist_npz
 import torch
 
 import zsdb3kd.data
@@ -42,13 +43,6 @@ SUBSET = 100
 K = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread (and 2-thread OpenMP spins badly on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @contextlib.contextmanager
@@ -59,19 +53,7 @@ def _quiet():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    try:
-        train = load_dataset("fashion-mnist", split="train")
-        test = load_dataset("fashion-mnist", split="test")
-    except DataError as e:
-        pytest.skip(f"Fashion-MNIST unreadable: {e}")
-    d = tmp_path_factory.mktemp("fmnist-npz")
-
-    def u8(x: torch.Tensor) -> np.ndarray:
-        return (x[:, 0] * 255).round().to(torch.uint8).numpy()
-
-    np.savez(d / "train.npz", x=u8(train.x[:N_TRAIN]), y=train.y[:N_TRAIN].numpy())
-    np.savez(d / "test.npz", x=u8(test.x[:N_TEST]), y=test.y[:N_TEST].numpy())
-    return d
+    return fmnist_npz(tmp_path_factory.mktemp("fmnist-npz"), N_TRAIN, N_TEST)
 
 
 @pytest.fixture(scope="module")

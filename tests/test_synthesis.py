@@ -24,13 +24,6 @@ from zsdb3kd.synthesis import (
 SHAPE3 = (3, 32, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread (and 2-thread OpenMP spins badly on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class LinearTeacher3(nn.Module):

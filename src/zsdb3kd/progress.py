@@ -16,11 +16,12 @@ class QueryProgress:
     """
 
     def __init__(self, total: int, desc: str, unit: str = "sample", enabled: bool | None = None,
-                 initial: int = 0, log_every: float = 30.0) -> None:
+                 initial: int = 0, log_every: float = 30.0, max_queries: int | None = None) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.total, self.desc, self.unit = total, desc, unit
         self.done = initial
         self.initial = initial
+        self.max_queries = max_queries  # upper bound on this session's queries: gives an ETA before any item is done
         self.n_queries = 0
         self.t0 = time.perf_counter()
         self._last = 0.0
@@ -38,7 +39,10 @@ class QueryProgress:
         if self._bar is not None:
             if now - self._last >= 0.5:
                 self._last = now
-                self._bar.set_postfix_str(f"{self.rate:,.0f} q/s, {self.n_queries:,} queries", refresh=True)
+                left = ""
+                if self.max_queries:
+                    left = f", ETA <= {max(self.max_queries - self.n_queries, 0) / self.rate:.0f}s"
+                self._bar.set_postfix_str(f"{self.rate:,.0f} q/s, {self.n_queries:,} queries{left}", refresh=True)
         elif now - self._last >= self.log_every > 0:
             self._log(now)
 
@@ -55,7 +59,12 @@ class QueryProgress:
         self._last = now
         elapsed = now - self.t0
         done_here = self.done - self.initial
-        eta = f"ETA {elapsed / done_here * (self.total - self.done):.0f}s" if done_here > 0 else "ETA -"
+        if self.max_queries and self.n_queries:
+            eta = f"ETA <= {max(self.max_queries - self.n_queries, 0) / self.rate:.0f}s"
+        elif done_here > 0:
+            eta = f"ETA {elapsed / done_here * (self.total - self.done):.0f}s"
+        else:
+            eta = "ETA -"
         rate = f"{self.rate:,.0f} q/s, {self.n_queries:,} queries, " if self.n_queries else ""
         print(f"{self.desc}: {self.done}/{self.total} {self.unit}s, {rate}{elapsed:.0f}s elapsed, {eta}",
               file=sys.stderr, flush=True)

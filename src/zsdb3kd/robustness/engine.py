@@ -301,7 +301,10 @@ def compute_robustness(
     q_before = oracle.queries
     reused_queries = 0
     t0 = time.perf_counter()
-    with QueryProgress(N, f"robustness[{settings.method}]", enabled=progress) as bar:
+    pending = sum(1 for c in range(n_chunks)
+                  if parts is None or not (parts / f"chunk-{c:05d}.safetensors").exists())
+    bound = min(N, pending * settings.chunk_size) * ((oracle.num_classes - 1) * settings.budget + 1)
+    with QueryProgress(N, f"robustness[{settings.method}]", enabled=progress, max_queries=bound) as bar:
         todo = list(range(n_chunks))
         while todo:
             waiting = []
