@@ -325,9 +325,8 @@ def _read_torch_state_dict(path: Path) -> dict[str, Tensor]:
         raise WeightsError(
             f"{str(path)!r} contains pickled Python objects{what} (a whole model saved with "
             "torch.save(model)?), refusing to unpickle untrusted code. If you trust the file, "
-            "re-save it with model.state_dict(): "
-            "torch.save(torch.load(f, weights_only=False).state_dict(), 'model.pt'), "
-            "or better save_weights(model, 'model.safetensors', ...)."
+            "re-save its model.state_dict() where the model's code lives (or, better, "
+            "zsdb3kd.weights.save_weights(model, 'model.safetensors', ...)) and load that."
         ) from None
     except Exception as exc:  # RuntimeError (bad zip), EOFError (empty), ...
         raise WeightsError(
