@@ -1,32 +1,43 @@
 """Query efficiency of boundary-distance estimators, side by side, from one run.
 
-    python benchmarks/boundary.py --teacher T.safetensors --samples 50 [--methods mbd,hsja] [--reference-budget 20000]
+    python benchmarks/boundary.py --teacher T.safetensors --samples 50 \
+        [--methods mbd,hsja] [--peers foolbox-hsja,art-signopt] [--reference-budget 20000] [--cache DIR]
 
 For each estimator: the median over (sample, target) pairs of the distance reached at
 250, 500, 1k, 2k and 4k queries per pair, as a ratio to the paper-faithful MBD at the
 reference budget (20,000 by default); agreement of the resulting soft labels with the
-reference's (mean KL at T=20 and top-2 agreement) at each budget; wall time and q/s.
-Optional peers, run on the same teacher and samples when installed (benchmark-only
-dependencies, not package dependencies): foolbox's HopSkipJumpAttack and ART's
-SignOPTAttack (``pip install foolbox adversarial-robustness-toolbox``).
+reference's (mean KL at T=20 and top-2 agreement) at 1k and 2k; wall time and q/s.
+Every run is cached under ``--cache`` (keyed by teacher hash, samples, seed and
+settings), so the expensive reference is computed once and an interrupted run resumes.
+
+Peers (optional benchmark dependencies, not package dependencies), on the same teacher,
+samples and targets, each pair starting from the nearest training image of the target
+class: foolbox's HopSkipJumpAttack and ART's SignOPTAttack
+(``pip install foolbox==3.3.4 adversarial-robustness-toolbox==1.20.1``). See peers.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from zsdb3kd.data import load_dataset
 from zsdb3kd.oracle import load_oracle
-from zsdb3kd.robustness import CandidatePool, RobustnessSettings, compute_robustness
+from zsdb3kd.robustness import CandidatePool, RobustnessResult, RobustnessSettings, compute_robustness
 from zsdb3kd.softlabels import logits_from_distances
+from zsdb3kd.weights import file_sha256
 
 BUDGETS = (250, 500, 1000, 2000, 4000)
 
 
 def soft_agreement(d: torch.Tensor, d_ref: torch.Tensor, labels: torch.Tensor, T: float = 20.0):
+    """Mean KL(ref || d) of the soft labels at temperature ``T`` and the fraction of samples
+    whose two most likely classes agree with the reference's."""
     z, zr = logits_from_distances(d, labels), logits_from_distances(d_ref, labels)
     p, pr = torch.log_softmax(z / T, 1), torch.log_softmax(zr / T, 1)
     kl = float((pr.exp() * (pr - p)).sum(1).mean())
@@ -34,12 +45,47 @@ def soft_agreement(d: torch.Tensor, d_ref: torch.Tensor, labels: torch.Tensor, T
     return kl, top2
 
 
-def run(oracle_path, x, pool, method, budget, checkpoints, seed):
-    oracle = load_oracle(oracle_path)
-    s = RobustnessSettings(method=method, budget=budget, checkpoints=checkpoints, chunk_size=len(x), seed=seed)
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``hsja`` or ``hsja:n0=30,tol=0.01`` -> (preset, options)."""
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for kv in filter(None, rest.split(";")):
+        k, v = kv.split("=")
+        opts[k] = json.loads(v)
+    return name, opts
+
+
+def run_cached(args, teacher_sha, x, pool, method, options, budget, checkpoints):
+    s = RobustnessSettings(method=method, budget=budget, checkpoints=checkpoints, chunk_size=len(x),
+                           seed=args.seed, options=options)
+    tag = f"{teacher_sha[:12]}-{args.data}-n{len(x)}-s{args.seed}-{method}-{s.key()}"
+    path = Path(args.cache) / f"{tag}.safetensors"
+    if path.exists():
+        res = RobustnessResult.load(path)
+        return res, res.provenance["wall_s"], res.provenance["queries"]
+    oracle = load_oracle(args.teacher, device=args.device)
     t0 = time.perf_counter()
-    res = compute_robustness(oracle, x, s, pool=pool, progress=False)
-    return res, time.perf_counter() - t0, oracle.queries
+    res = compute_robustness(oracle, x, s, pool=pool, work_dir=path.with_suffix(".parts"), progress=True)
+    wall = time.perf_counter() - t0
+    res.provenance.update(wall_s=wall, queries=oracle.queries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    res.save(path)
+    return res, wall, oracle.queries
+
+
+def nearest_start(x, target, pool_x, pool_y, model):
+    """For each pair, the nearest pool image of the target class that the teacher labels as
+    the target (peers' starting points; found with the model directly, not counted)."""
+    with torch.no_grad():
+        pool_pred = torch.cat([model(pool_x[i:i + 4096]).argmax(1) for i in range(0, len(pool_x), 4096)])
+    flat = pool_x.reshape(len(pool_x), -1)
+    out = torch.empty_like(x)
+    for c in torch.unique(target).tolist():
+        rows = torch.nonzero(target == c).squeeze(1)
+        members = torch.nonzero((pool_y == c) & (pool_pred == c)).squeeze(1)
+        d = torch.cdist(x[rows].reshape(len(rows), -1), flat[members])
+        out[rows] = pool_x[members[d.argmin(1)]]
+    return out
 
 
 def main() -> None:
@@ -48,35 +94,72 @@ def main() -> None:
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--samples", type=int, default=50)
-    ap.add_argument("--methods", default="mbd,hsja")
+    ap.add_argument("--methods", default="mbd,hsja", help="comma-separated presets, each optionally 'name:k=v;k=v'")
+    ap.add_argument("--peers", default="", help="comma-separated: foolbox-hsja, art-signopt")
     ap.add_argument("--reference-budget", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cache", default="runs/benchmark-cache")
     args = ap.parse_args()
     test = load_dataset(args.data, args.data_root, "test")
     train = load_dataset(args.data, args.data_root, "train")
     g = torch.Generator().manual_seed(args.seed)
-    x = test.x[torch.randperm(len(test), generator=g)[: args.samples]]
-    pool = CandidatePool(train.x, train.y)
-    ref, ref_wall, ref_q = run(args.teacher, x, pool, "mbd", args.reference_budget, BUDGETS, args.seed)
-    d_ref = ref.at(args.reference_budget)
-    own = torch.nn.functional.one_hot(ref.teacher_labels, d_ref.shape[1]).bool()
-    print(f"reference: paper-faithful MBD at {args.reference_budget:,} queries/pair: {ref_q:,} queries, "
-          f"{ref_wall:.0f} s, median distance {d_ref[~own].median():.4f}")
-    header = "| estimator | " + " | ".join(f"{b} q" for b in BUDGETS) + " | KL@1k | top2@1k | wall (s) | q/s |"
-    print(header)
-    print("|" + "---|" * (len(BUDGETS) + 5))
-    for method in args.methods.split(","):
-        if method == "mbd":
+    x = test.x[torch.randperm(len(test), generator=g)[: args.samples]].to(args.device)
+    pool = CandidatePool(train.x.to(args.device), train.y.to(args.device))
+    sha = file_sha256(args.teacher)
+    ref_checkpoints = tuple(sorted(set(BUDGETS) | {args.reference_budget}))
+    ref, ref_wall, ref_q = run_cached(args, sha, x, pool, "mbd", {}, args.reference_budget, ref_checkpoints)
+    d_ref = ref.at(args.reference_budget).cpu()
+    labels = ref.teacher_labels.cpu()
+    own = torch.nn.functional.one_hot(labels, d_ref.shape[1]).bool()
+    print(f"reference: paper-faithful MBD at {args.reference_budget:,} queries/pair, {args.samples} samples x "
+          f"{d_ref.shape[1] - 1} targets: {ref_q:,} queries, {ref_wall:.0f} s, median distance {d_ref[~own].median():.4f}")
+    rows = []
+    for spec in filter(None, args.methods.split(",")):
+        method, opts = parse_method(spec)
+        if method == "mbd" and not opts:
             res, wall, q = ref, ref_wall, ref_q  # the same run, read at each checkpoint
+            d = {b: res.at(b).cpu() for b in BUDGETS}
+            # time to the largest benchmark budget, pro rata (the reference ran to 20k)
+            wall = wall * max(BUDGETS) / args.reference_budget
+            q = q * max(BUDGETS) // args.reference_budget
         else:
-            res, wall, q = run(args.teacher, x, pool, method, max(BUDGETS), BUDGETS, args.seed)
-        ratios = []
-        for b in BUDGETS:
-            r = (res.at(b)[~own] / d_ref[~own])
-            ratios.append(float(r.median()))
-        kl, top2 = soft_agreement(res.at(1000), d_ref, ref.teacher_labels)
-        print(f"| {method} | " + " | ".join(f"{r:.3f}" for r in ratios) + f" | {kl:.2e} | {top2:.2f} | {wall:.0f} | "
-              f"{q / wall:,.0f} |")
+            res, wall, q = run_cached(args, sha, x, pool, method, opts, max(BUDGETS), BUDGETS)
+            d = {b: res.at(b).cpu() for b in BUDGETS}
+        rows.append((spec, d, wall, q))
+    if args.peers:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import peers as peer_mod
+        from zsdb3kd.weights import load_weights
+
+        model, _ = load_weights(args.teacher, device=args.device)
+        pairs = torch.nonzero(~own)  # (sample, target) in row-major order
+        xs, tg = x[pairs[:, 0]], pairs[:, 1].to(args.device)
+        start = nearest_start(xs, tg, train.x.to(args.device), train.y.to(args.device), model)
+        for name in filter(None, args.peers.split(",")):
+            path = Path(args.cache) / f"{sha[:12]}-{args.data}-n{args.samples}-s{args.seed}-{name}.pt"
+            if path.exists():
+                blob = torch.load(path, weights_only=True)
+            else:
+                t0 = time.perf_counter()
+                dist = peer_mod.PEERS[name](model, xs, tg, start, BUDGETS, seed=args.seed)
+                blob = {"dist": dist.cpu(), "wall": time.perf_counter() - t0}
+                torch.save(blob, path)
+            full = torch.full((len(BUDGETS),) + d_ref.shape, float("nan"))
+            full[:, pairs[:, 0], pairs[:, 1]] = blob["dist"].T
+            d = {b: full[i] for i, b in enumerate(BUDGETS)}
+            q = len(pairs) * max(BUDGETS)
+            rows.append((name + " (peer)", d, blob["wall"], q))
+    header = ("| estimator | " + " | ".join(f"{b} q" for b in BUDGETS)
+              + " | KL@1k | top2@1k | KL@2k | top2@2k | wall to 4k (s) | q/s |")
+    print(header)
+    print("|" + "---|" * (len(BUDGETS) + 7))
+    for spec, d, wall, q in rows:
+        ratios = [float((d[b][~own] / d_ref[~own]).median()) for b in BUDGETS]
+        kl1, t1 = soft_agreement(d[1000], d_ref, labels)
+        kl2, t2 = soft_agreement(d[2000], d_ref, labels)
+        print(f"| {spec} | " + " | ".join(f"{r:.3f}" for r in ratios)
+              + f" | {kl1:.2e} | {t1:.2f} | {kl2:.2e} | {t2:.2f} | {wall:.0f} | {q / wall:,.0f} |")
 
 
 if __name__ == "__main__":

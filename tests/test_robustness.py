@@ -68,6 +68,39 @@ def test_hsja_converges_faster_than_paper_mbd_at_small_budgets(linear_teacher, l
     assert np.median(r_h[:, 0]) < np.median(r_m[:, 0])
 
 
+def test_hsja_sub_switches_to_full_resolution_and_converges(linear_teacher, linear_data):
+    # a linear teacher's normal is not low-frequency: only the switch to full-resolution
+    # probes lets the search converge, so this fails if the switch is broken
+    xs = _samples()
+    pool = CandidatePool(*linear_data)
+    ratios = {}
+    for sq in (300, None):
+        oracle = TorchOracle(linear_teacher, SHAPE, K)
+        s = RobustnessSettings(method="hsja-sub", budget=1500, checkpoints=(1500,), options={"subspace_queries": sq})
+        res = compute_robustness(oracle, xs, s, pool=pool, progress=False)
+        assert int(res.queries.max()) <= 1500 and oracle.queries == res.total_queries
+        ratios[sq] = _ratios(res, linear_teacher, xs)[:, -1]
+        assert (ratios[sq] >= 1 - 1e-4).all()
+    # achieved (median): 1.07 with the switch after 300 queries, 1.99 in the subspace only
+    assert np.median(ratios[300]) < 1.15
+    assert np.median(ratios[None]) > np.median(ratios[300]) + 0.3
+
+
+def test_subspace_probes_are_low_frequency_unit_vectors():
+    from zsdb3kd.robustness.estimators import HopSkipJump
+
+    est = HopSkipJump(subspace=2)
+    low = torch.tensor([True, False, True])
+    u = est._probes(3, 40, low, SHAPE, torch.Generator().manual_seed(0))
+    assert u.shape == (3, 40, SHAPE[0] * SHAPE[1] * SHAPE[2])
+    assert torch.allclose(u.norm(dim=2), torch.ones(3, 40), atol=1e-5)
+    # 8x8 images from 4x4 noise: the subspace probes span at most 16 dimensions
+    assert int(torch.linalg.matrix_rank(u[0])) == 16 and int(torch.linalg.matrix_rank(u[2])) == 16
+    assert int(torch.linalg.matrix_rank(u[1])) == 40
+    with pytest.raises(ValueError, match="subspace"):
+        HopSkipJump(subspace=0)
+
+
 def test_budgets_and_counts_are_exact(mbd_run):
     _, oracle, xs, res = mbd_run
     assert int(res.queries.max()) <= 4000
@@ -99,7 +132,7 @@ def test_bd_is_an_upper_bound_and_mbd_improves_it(linear_teacher, linear_data):
 
 
 @pytest.mark.parametrize("budget", [1, 7, 150, 333])
-@pytest.mark.parametrize("method", ["bd", "mbd", "hsja"])
+@pytest.mark.parametrize("method", ["bd", "mbd", "hsja", "hsja-sub"])
 def test_per_pair_budget_never_exceeded(method, budget, linear_teacher, linear_data):
     oracle = TorchOracle(linear_teacher, SHAPE, K)
     xs = _samples(5)

@@ -104,13 +104,21 @@ def _hsja(n_dirs: int = 20, init_tol: float = 1e-3, **kw: Any) -> Estimator:
     return HopSkipJump(init=BoundaryDistance(n=n_dirs, tol=init_tol), **kw)
 
 
+def _hsja_sub(n_dirs: int = 20, init_tol: float = 1e-3, subspace: int = 2, subspace_queries: int | None = 1000,
+              **kw: Any) -> Estimator:
+    return HopSkipJump(init=BoundaryDistance(n=n_dirs, tol=init_tol), subspace=subspace,
+                       subspace_queries=subspace_queries, **kw)
+
+
 #: Named estimator presets: ``sd``/``bd``/``mbd`` are the paper's released settings;
-#: ``hsja`` is our query-efficient HopSkipJump-style search.
+#: ``hsja`` is our query-efficient HopSkipJump-style search and ``hsja-sub`` the same with
+#: low-frequency probes for the first 1,000 queries of each pair (the most query-efficient).
 PRESETS: dict[str, Any] = {
     "sd": SampleDistance,
     "bd": BoundaryDistance,
     "mbd": _paper_mbd,
     "hsja": _hsja,
+    "hsja-sub": _hsja_sub,
 }
 
 
