@@ -432,3 +432,47 @@ def test_work_dir_of_other_settings_is_refused(tmp_path):
     # the same settings are still accepted
     p = synthesize(TorchOracle(LinearTeacher(), SHAPE, K), s, work_dir=work, progress=False)
     assert torch.equal(_labels(LinearTeacher(), p.x), p.y)
+
+
+# ---------------------------------------------------------------------------------------
+# random-image transfer set (random-ce)
+# ---------------------------------------------------------------------------------------
+
+
+def test_random_images_are_deterministic_8_bit_and_sliceable():
+    from zsdb3kd.synthesis import random_images
+
+    full = random_images("smooth", 250, SHAPE, seed=3, chunk=100)
+    assert full.dtype == torch.uint8 and full.shape == (250, *SHAPE)
+    assert torch.equal(full, random_images("smooth", 250, SHAPE, seed=3, chunk=100))
+    assert not torch.equal(full, random_images("smooth", 250, SHAPE, seed=4, chunk=100))
+    # any slice regenerates without the rest (chunk i has its own seed)
+    assert torch.equal(random_images("smooth", 70, SHAPE, seed=3, chunk=100, start=160), full[160:230])
+    assert int(full.max()) > 200  # the blobs use the whole range, not a faint band
+    with pytest.raises(ValueError, match="unknown image kind"):
+        random_images("pink", 5, SHAPE, seed=0)
+
+
+def test_label_random_images_labels_what_the_teacher_sees_and_resumes(tmp_path):
+    from zsdb3kd.synthesis import label_random_images
+
+    teacher = LinearTeacher()
+    oracle = TorchOracle(teacher, SHAPE, K)
+    x, y = label_random_images(oracle, "smooth", 230, seed=1, chunk=100, work_dir=tmp_path, progress=False)
+    assert oracle.queries == 230  # one query per image, nothing else
+    assert torch.equal(y, _labels(teacher, x.float() / 255))
+    assert len(list(tmp_path.glob("labels_*.safetensors"))) == 3
+    # a rerun (e.g. after an interruption) asks the teacher nothing and returns the same set
+    again = TorchOracle(teacher, SHAPE, K)
+    x2, y2 = label_random_images(again, "smooth", 230, seed=1, chunk=100, work_dir=tmp_path, progress=False)
+    assert again.queries == 0 and torch.equal(x, x2) and torch.equal(y, y2)
+    # a lost chunk is asked again, and only that chunk
+    sorted(tmp_path.glob("labels_*.safetensors"))[1].unlink()
+    third = TorchOracle(teacher, SHAPE, K)
+    _, y3 = label_random_images(third, "smooth", 230, seed=1, chunk=100, work_dir=tmp_path, progress=False)
+    assert third.queries == 100 and torch.equal(y, y3)
+    # the total query budget holds
+    capped = TorchOracle(teacher, SHAPE, K, budget=150)
+    with pytest.raises(QueryBudgetExceeded):
+        label_random_images(capped, "smooth", 230, seed=1, chunk=100, progress=False)
+    assert capped.queries <= 150

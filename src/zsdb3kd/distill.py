@@ -83,12 +83,17 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: 
     return loss
 
 
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """Images as float in [0, 1]: 8-bit (uint8) batches are divided by 255, others pass."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 2048, device: str | torch.device = "cpu") -> torch.Tensor:
     """``(N, K)`` logits of ``model`` on ``x`` ``(N, C, H, W)``, in eval mode, on the CPU."""
     was_training = model.training
     model.eval()
-    out = [model(x[i : i + batch].to(device)).float().cpu() for i in range(0, x.shape[0], batch)]
+    out = [model(as_float(x[i : i + batch].to(device))).float().cpu() for i in range(0, x.shape[0], batch)]
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 0)
 
@@ -116,7 +121,8 @@ def train(
     """Train ``model`` on ``(x, y)`` (optionally distilling ``teacher_logits``), keeping the
     state with the best accuracy on ``(x_val, y_val)``.
 
-    Shapes: ``x`` ``(N, C, H, W)`` in [0, 1], ``y`` ``(N,)``, ``teacher_logits`` ``(N, K)``.
+    Shapes: ``x`` ``(N, C, H, W)`` in [0, 1] (or uint8 in [0, 255], converted per batch, so
+    large transfer sets take a quarter of the memory), ``y`` ``(N,)``, ``teacher_logits`` ``(N, K)``.
     Deterministic under ``config.seed`` on the CPU.
     """
     N = x.shape[0]
@@ -146,7 +152,7 @@ def train(
                 idx = perm[s * config.batch_size : (s + 1) * config.batch_size]
                 if idx.numel() < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
                     continue  # a BatchNorm batch of one cannot be trained on
-                xb, yb = x[idx].to(device), y[idx].to(device)
+                xb, yb = as_float(x[idx].to(device)), y[idx].to(device)
                 tb = teacher_logits[idx].to(device) if teacher_logits is not None else None
                 loss = kd_loss(model(xb), yb, tb, config.temperature, config.kl_weight, config.kl_reduction)
                 opt.zero_grad(set_to_none=True)

@@ -88,6 +88,11 @@ class StudentConfig:
     val_fraction: float = 0.1  # zero-shot: share of pseudo samples held out for selection
     noise_samples: int | None = None  # zero-shot noise baseline size (default: the zero-shot query total)
     noise_cap: int = 100_000  # noise-ce trains for epochs * n_pseudo / n_noise epochs: the same number of steps
+    # random-ce (zero-shot, beyond the paper): random images labelled by the teacher, one query each
+    random_kind: str = "smooth"  # "smooth" (low-frequency blobs), "paper", "mixed" or "uniform"
+    random_samples: int = 1_000_000  # including the held-out slice
+    random_val: int = 10_000  # held out (teacher-labelled random images) for model selection
+    random_epochs: int = 5
 
 
 @dataclass
@@ -201,6 +206,18 @@ def validate_config(cfg: RunConfig) -> None:
         checks.append(("[synthesis]", lambda: _synthesis_settings(cfg)))
         if not 0 < cfg.student.val_fraction < 1:
             raise ConfigError(f"[student] val_fraction must be in (0, 1), got {cfg.student.val_fraction}")
+        st = cfg.student
+        if "random-ce" in st.methods:
+            from .synthesis import NOISE_KINDS
+
+            if st.random_kind not in NOISE_KINDS + ("uniform",):
+                raise ConfigError(f"[student] random_kind must be one of {NOISE_KINDS + ('uniform',)}, "
+                                  f"got {st.random_kind!r}")
+            if not 1 <= st.random_val < st.random_samples or st.random_epochs < 1:
+                raise ConfigError("[student] random-ce needs 1 <= random_val < random_samples and random_epochs >= 1")
+            if cfg.query_budget is not None and st.random_samples > cfg.query_budget:
+                raise ConfigError(f"[student] random_samples ({st.random_samples:,}) exceeds query_budget "
+                                  f"({cfg.query_budget:,}): each random image costs one query")
     for where, build in checks:
         try:
             build()
@@ -209,13 +226,13 @@ def validate_config(cfg: RunConfig) -> None:
 
 
 def parse_student_method(spec: str, cfg: RunConfig) -> tuple[str, int | None]:
-    """Baselines (db3kd: ``ce``, ``whitebox-kd``; zero-shot: ``noise-ce``, ``zs-ce``) or
+    """Baselines (db3kd: ``ce``, ``whitebox-kd``; zero-shot: ``noise-ce``, ``zs-ce``, ``random-ce``) or
     ``"<robustness method>[@<queries per pair>]"``."""
     rob = cfg.robustness
-    baselines = ("ce", "whitebox-kd") if cfg.mode == "db3kd" else ("noise-ce", "zs-ce")
+    baselines = ("ce", "whitebox-kd") if cfg.mode == "db3kd" else ("noise-ce", "zs-ce", "random-ce")
     if spec in baselines:
         return spec, None
-    if spec in ("ce", "whitebox-kd", "noise-ce", "zs-ce"):
+    if spec in ("ce", "whitebox-kd", "noise-ce", "zs-ce", "random-ce"):
         raise ConfigError(f"student method {spec!r} is not available in mode {cfg.mode!r}; baselines: {baselines}")
     method, _, b = spec.partition("@")
     if method not in rob.methods:
@@ -457,7 +474,8 @@ def _soft_row(method: str, budget: int, res: RobustnessResult, extra_queries: in
 
 def _train_row(spec: str, run: Path, cfg: RunConfig, key_parts: list, make_inputs, val, test, num_classes: int,
                progress, epochs: int | None = None) -> dict[str, Any]:
-    """Train (or reuse) one student; ``make_inputs()`` -> (x, y, teacher_logits) is only called when needed."""
+    """Train (or reuse) one student; ``make_inputs()`` -> ``(x, y, teacher_logits[, val])`` is only called
+    when needed (a fourth element replaces the validation split)."""
     scfg = _student_config(cfg)
     if epochs is not None:
         from dataclasses import replace
@@ -469,7 +487,10 @@ def _train_row(spec: str, run: Path, cfg: RunConfig, key_parts: list, make_input
     if mpath.exists() and out.exists():
         log(f"student[{spec}]: reusing {out.name}")
         return json.loads(mpath.read_text())
-    x, y, tl = make_inputs()
+    inputs = make_inputs()
+    x, y, tl = inputs[:3]
+    if len(inputs) > 3:
+        val = inputs[3]
     log(f"student[{spec}]: training {cfg.student.arch} on {len(x)} images for {scfg.epochs} epochs")
     metrics = distill_student(cfg.student.arch, x, y, val, test, scfg, out, teacher_logits=tl,
                               num_classes=num_classes, device=cfg.device, desc=f"student[{spec}]",
@@ -558,7 +579,7 @@ def _run_db3kd(cfg, run, teacher_path, teacher_sha, teacher_metrics, progress):
 def _run_zero_shot(cfg, run, teacher_path, teacher_sha, teacher_metrics, progress):
     """ZSDB3KD: nothing after the teacher stage sees real training data (only the test
     set, once per student, for the final accuracy)."""
-    from .synthesis import PseudoSamples, SynthesisSettings, synthesize
+    from .synthesis import PseudoSamples, SynthesisSettings, label_random_images, synthesize
 
     device = cfg.device
     test = load_dataset(cfg.data.name, cfg.data.root, "test")
@@ -600,7 +621,9 @@ def _run_zero_shot(cfg, run, teacher_path, teacher_sha, teacher_metrics, progres
     max_total = q_syn
     specs = [parse_student_method(s, cfg) + (s,) for s in cfg.student.methods]
     for method, budget, spec in specs:
-        if method not in ("noise-ce", "zs-ce"):
+        if method == "random-ce":
+            max_total = max(max_total, cfg.student.random_samples)
+        elif method not in ("noise-ce", "zs-ce"):
             max_total = max(max_total, _soft_row(method, budget, results[method][0], q_syn)[0]["total_queries"])
     for method, budget, spec in specs:
         key_parts = [teacher_sha, pkey]
@@ -621,6 +644,20 @@ def _run_zero_shot(cfg, run, teacher_path, teacher_sha, teacher_metrics, progres
                 g = torch.Generator().manual_seed(cfg.seed + 104729)
                 xs = torch.rand(n, *oracle.input_shape, generator=g)
                 return xs, oracle(xs.to(device)).cpu(), None
+        elif method == "random-ce":
+            st = cfg.student
+            n_train = st.random_samples - st.random_val
+            epochs = st.random_epochs
+            row = {"method": spec, "label": f"random {st.random_kind} images, hard labels ({n_train:,} samples, "
+                                            f"{epochs} epochs; selection on {st.random_val:,} more)",
+                   "queries_per_pair": 0, "total_queries": st.random_samples}
+            key_parts = [teacher_sha, st.random_kind, st.random_samples, st.random_val]
+
+            def make(st=st, n_train=n_train):
+                parts = run / f"random-{st.random_kind}-{teacher_sha[:12]}-s{cfg.seed}.labels"  # kept: labels cost queries
+                xs, ys = label_random_images(oracle, st.random_kind, st.random_samples, cfg.seed, device=device,
+                                             work_dir=parts, progress=progress)
+                return xs[:n_train], ys[:n_train], None, (xs[n_train:], ys[n_train:])
         else:
             res, rpath = results[method]
             extra, tl = _soft_row(method, budget, res, q_syn)
@@ -760,9 +797,9 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     curves: dict[str, list[tuple[int, float]]] = {}
     for r in report["students"]:
         name, _, _ = r["method"].partition("@")
-        if name in ("ce", "whitebox-kd", "sd", "noise-ce", "zs-ce"):
+        if name in ("ce", "whitebox-kd", "sd", "noise-ce", "zs-ce", "random-ce"):
             style = {"ce": ("k", ":"), "whitebox-kd": ("tab:green", "--"), "sd": ("tab:gray", "-."),
-                     "noise-ce": ("tab:red", ":"), "zs-ce": ("k", "--")}[name]
+                     "noise-ce": ("tab:red", ":"), "zs-ce": ("k", "--"), "random-ce": ("tab:blue", "-.")}[name]
             ax.axhline(r["test_acc"], color=style[0], ls=style[1], label=f"{r['method']} ({r['test_acc']:.2f}%)")
         else:
             curves.setdefault(name, []).append((r.get("mean_queries_per_pair") or r["queries_per_pair"], r["test_acc"]))

@@ -15,6 +15,11 @@ and settings. Two stages:
 
 The state is saved after every round, so an interrupted run resumes; round ``i`` uses the
 random seed ``(seed, i)``, so a resumed run equals an uninterrupted one.
+
+Beyond the paper, :func:`label_random_images` builds a much larger and cheaper zero-shot
+transfer set: random images (by default the low-frequency blobs of :func:`draw_noise`),
+each labelled by the teacher with one query. The images are a deterministic function of
+the seed (chunk ``i`` uses seed ``(seed, kind, i)``), so only the labels are stored.
 """
 
 from __future__ import annotations
@@ -282,3 +287,60 @@ def synthesize(oracle: LabelOracle, settings: SynthesisSettings, *, device: str 
             "total_queries": q_noise + q_push, "queries_this_session": oracle.queries - q0,
             "wall_time_s": round(wall_before + time.perf_counter() - t0, 2), "n": N}
     return PseudoSamples(x, y, snaps, torch.tensor(dists), prov)
+
+
+def random_images(kind: str, n: int, shape: tuple[int, int, int], seed: int, chunk: int = 50_000,
+                  start: int = 0) -> torch.Tensor:
+    """Images ``start .. start + n`` of the deterministic random sequence ``(kind, seed)``,
+    quantised to 8 bits: ``(n, C, H, W)`` uint8. Chunk ``i`` of ``chunk`` images is drawn
+    from its own seed, so any slice can be regenerated without the rest."""
+    if kind not in NOISE_KINDS and kind != "uniform":
+        raise ValueError(f"unknown image kind {kind!r}; known: uniform, {', '.join(NOISE_KINDS)}")
+    out = torch.empty(n, *shape, dtype=torch.uint8)
+    first, last = start // chunk, (start + n - 1) // chunk if n else start // chunk - 1
+    for c in range(first, last + 1):
+        g = torch.Generator().manual_seed(_seed(seed, kind, c))
+        size = chunk
+        x = torch.rand(size, *shape, generator=g) if kind == "uniform" else draw_noise(kind, size, shape, g)
+        lo, hi = max(start, c * chunk), min(start + n, (c + 1) * chunk)
+        out[lo - start: hi - start] = (x[lo - c * chunk: hi - c * chunk] * 255).round().to(torch.uint8)
+    return out
+
+
+def label_random_images(oracle: LabelOracle, kind: str, n: int, seed: int, *, chunk: int = 50_000,
+                        device: str | torch.device = "cpu", work_dir: str | os.PathLike | None = None,
+                        progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random images of ``kind`` (:func:`random_images`) and the teacher's label of each.
+
+    Returns ``(x uint8 (n, C, H, W), y (n,))``; the teacher sees exactly the 8-bit images
+    (as ``x / 255``), one query per image. With ``work_dir`` each finished chunk's labels
+    are kept, so an interrupted run resumes without asking the teacher again.
+    """
+    if n < 1:
+        raise ValueError(f"need n >= 1 random images, got {n}")
+    shape = tuple(oracle.input_shape)
+    parts = Path(work_dir) if work_dir is not None else None
+    if parts is not None:
+        parts.mkdir(parents=True, exist_ok=True)
+    xs = torch.empty(n, *shape, dtype=torch.uint8)
+    ys = torch.empty(n, dtype=torch.long)
+    n_chunks = -(-n // chunk)
+    with QueryProgress(n, f"random[{kind}]", unit="image", enabled=progress) as bar:
+        for c in range(n_chunks):
+            lo, hi = c * chunk, min(n, (c + 1) * chunk)
+            x = random_images(kind, hi - lo, shape, seed, chunk, start=lo)
+            f = parts / f"labels_{kind}_{seed}_{chunk}_{c}.safetensors" if parts is not None else None
+            if f is not None and f.exists():
+                y = load_file(str(f))["y"]
+                if y.shape != (hi - lo,):
+                    raise ValueError(f"{f} holds {tuple(y.shape)} labels, expected {hi - lo}: delete it")
+            else:
+                y = oracle(x.to(device).float().div_(255)).cpu()
+                bar.queries(hi - lo)
+                if f is not None:
+                    tmp = f.with_suffix(".tmp")
+                    save_file({"y": y.contiguous()}, str(tmp))
+                    os.replace(tmp, f)
+            xs[lo:hi], ys[lo:hi] = x, y
+            bar.advance(hi - lo)
+    return xs, ys
