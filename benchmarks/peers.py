@@ -195,14 +195,21 @@ def _foolbox_log(model, x, target, start, budgets, seed=0, bounds=(0.0, 1.0), *,
     fmodel = fb.PyTorchModel(log, bounds=tuple(float(b) for b in bounds), device=dev)
     # library defaults except `steps` (see the module docstring)
     attack = fb.attacks.HopSkipJumpAttack(steps=2**62, constraint="l2")
+    step = max(1, int(batch_size))
+    groups = [list(range(lo, min(lo + step, len(x)))) for lo in range(0, len(x), step)]
+    return _drive(log, groups, seed, lambda idx: attack.run(
+        fmodel, x[idx], fb.criteria.TargetedMisclassification(target[idx]), starting_points=start[idx]))
+
+
+def _drive(log, groups: list[list[int]], seed: int, attack_group) -> "_QueryLog":
+    """Run ``attack_group(idx)`` on each group of pair indices, seeded per group, until the
+    group's budget ends it (the log raises :class:`_BudgetExhausted`) or the attack returns."""
     with _Seeded() as rng:
-        for lo in range(0, len(x), max(1, int(batch_size))):
-            idx = list(range(lo, min(lo + max(1, int(batch_size)), len(x))))
-            rng.seed(_pair_seed(seed, lo, len(idx)))
+        for idx in groups:
+            rng.seed(_pair_seed(seed, idx[0], len(idx)))
             log.active = idx
             try:
-                attack.run(fmodel, x[idx], fb.criteria.TargetedMisclassification(target[idx]),
-                           starting_points=start[idx])
+                attack_group(idx)
             except _BudgetExhausted:
                 pass
             finally:
@@ -273,17 +280,8 @@ def _art_log(model, x, target, start, budgets, seed=0, bounds=(0.0, 1.0), *, fix
     # defaults except the targeted recommendations of ART's docstring (see the module docstring)
     attack = attack_cls(clf, targeted=True, max_iter=5000, query_limit=max(40000, max(budgets) + 1), verbose=False)
     xn, sn, tn = x.cpu().numpy(), start.cpu().numpy(), target.cpu().numpy()
-    with _Seeded() as rng:
-        for i in range(len(x)):
-            rng.seed(_pair_seed(seed, i, 1))
-            log.active = [i]
-            try:
-                attack.generate(xn[i:i + 1], y=tn[i:i + 1], x_init=sn[i:i + 1])
-            except _BudgetExhausted:
-                pass
-            finally:
-                log.active = None
-    return log
+    return _drive(log, [[i] for i in range(len(x))], seed,
+                  lambda idx: attack.generate(xn[idx], y=tn[idx], x_init=sn[idx]))
 
 
 def art_signopt(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, start: torch.Tensor,
