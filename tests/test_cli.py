@@ -371,3 +371,39 @@ def test_kill_9_then_resume_equals_uninterrupted_run(teacher, data_dir, tmp_path
     assert (resumed.provenance["queries_reused_from_chunks"] + resumed.provenance["queries_this_session"]
             == ref.provenance["queries_this_session"] == ref.total_queries)
     assert ref.provenance["queries_reused_from_chunks"] == 0
+
+
+def test_distill_random_reads_only_the_test_split_and_reuses_its_labels(teacher, data_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    import zsdb3kd.data
+    from zsdb3kd.weights import read_weights_info
+
+    real = zsdb3kd.data.load_dataset
+    splits = []
+
+    def guarded(name, root=None, split="train", **kw):
+        splits.append(split)
+        return real(name, root, split, **kw)
+
+    monkeypatch.setattr(zsdb3kd.data, "load_dataset", guarded)
+    out = tmp_path / "random.safetensors"
+    argv = ["distill", "--teacher", str(teacher[1]), *_data(data_dir), "--method", "random", "--random-samples",
+            "3000", "--random-val", "500", "--epochs", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    first = capsys.readouterr().out
+    assert "2,500 images, 3,000 new teacher queries" in first
+    assert splits == ["test"]  # no training image or label is read
+    assert read_weights_info(out).extra["method"] == "random-smooth"
+    assert list((tmp_path / "random.safetensors.labels").glob("labels_*.safetensors"))
+    # a rerun reuses the stored labels: no query, the same student
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert "0 new teacher queries" in second
+    acc = [re.search(r"val ([0-9.]+)% .* test ([0-9.]+)%", t).groups() for t in (first, second)]
+    assert acc[0] == acc[1]
+    # the total query budget is enforced before the teacher is asked
+    rc = main(argv + ["--labels-dir", str(tmp_path / "other"), "--query-budget", "100"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "budget" in err and "Traceback" not in err
+    rc = main(argv + ["--pseudo", "p.safetensors"])
+    assert rc == 2 and "neither" in capsys.readouterr().err

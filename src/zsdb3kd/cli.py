@@ -110,17 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=20.0)
     p.add_argument("--out", required=True, help=".safetensors with logits (N, K), soft (N, K), indices, labels")
 
-    p = sub.add_parser("distill", help="train a student: ce, whitebox-kd or from soft labels")
+    p = sub.add_parser("distill", help="train a student: ce, whitebox-kd, from soft labels, or on random images")
     _add_data(p)
     _add_common(p)
     p.add_argument("--teacher", required=True)
-    p.add_argument("--method", default="soft", choices=["ce", "whitebox-kd", "soft"])
+    p.add_argument("--method", default="soft", choices=["ce", "whitebox-kd", "soft", "random"],
+                   help="random (zero-shot): random images labelled by the teacher, one query each")
     p.add_argument("--robustness", default=None, help="robustness file (method soft)")
     p.add_argument("--budget", type=int, default=None, help="queries per pair at which to read distances")
     p.add_argument("--subset", type=int, default=None, help="training images (method ce/whitebox-kd)")
     p.add_argument("--pseudo", default=None, help="zero-shot: train on this pseudo-sample file (methods soft, ce); "
                    "a held-out slice of it selects the model; only the real test split is read")
     p.add_argument("--val-fraction", type=float, default=0.1, help="zero-shot: held-out share of pseudo samples")
+    p.add_argument("--random-kind", default="smooth", choices=["smooth", "paper", "mixed", "uniform"],
+                   help="method random: the images (smooth: low-frequency blobs)")
+    p.add_argument("--random-samples", type=int, default=1_000_000, help="method random: images, incl. held out")
+    p.add_argument("--random-val", type=int, default=10_000, help="method random: held out for model selection")
+    p.add_argument("--labels-dir", default=None, help="method random: where the teacher's labels are kept, so a "
+                   "rerun asks nothing again (default: <out>.labels)")
+    p.add_argument("--query-budget", type=int, default=None, help="method random: cap on teacher queries")
     p.add_argument("--student", default="lenet5-half")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -262,6 +270,8 @@ def _cmd_distill(args) -> int:
     from .robustness import RobustnessResult
     from .softlabels import logits_from_distances
 
+    if args.method == "random":
+        return _distill_random(args)
     if args.pseudo:
         return _distill_zero_shot(args)
     splits = load_splits(args.data, args.data_root, args.val_size, args.seed)
@@ -288,6 +298,37 @@ def _cmd_distill(args) -> int:
                         args.out, teacher_logits=tl, num_classes=len(splits.train.classes), device=args.device,
                         desc=f"student[{args.method}]", progress=_progress(args), extra={"method": args.method})
     print(f"{args.student} ({args.method}): val {m['val_acc']:.2f}%  test {m['test_acc']:.2f}%  -> {args.out}")
+    return 0
+
+
+def _distill_random(args) -> int:
+    """Zero-shot student on random images labelled by the teacher; only the test split is read."""
+    from .data import load_dataset
+    from .distill import TrainConfig
+    from .oracle import load_oracle
+    from .pipeline import distill_student
+    from .synthesis import label_random_images
+
+    if args.pseudo or args.robustness:
+        raise ValueError("--method random takes neither --pseudo nor --robustness")
+    if not 1 <= args.random_val < args.random_samples:
+        raise ValueError(f"need 1 <= --random-val < --random-samples, got {args.random_val}, {args.random_samples}")
+    oracle = load_oracle(args.teacher, device=args.device, budget=args.query_budget)
+    test = load_dataset(args.data, args.data_root, "test")
+    if tuple(test.x.shape[1:]) != tuple(oracle.input_shape):
+        raise ValueError(f"test images have shape {tuple(test.x.shape[1:])}, the teacher expects {oracle.input_shape}")
+    labels_dir = args.labels_dir or f"{args.out}.labels"
+    x, y = label_random_images(oracle, args.random_kind, args.random_samples, args.seed, device=args.device,
+                               work_dir=labels_dir, progress=_progress(args))
+    n = args.random_samples - args.random_val
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, temperature=args.temperature,
+                      seed=args.seed)
+    m = distill_student(args.student, x[:n], y[:n], (x[n:], y[n:]), (test.x, test.y), cfg, args.out,
+                        num_classes=len(test.classes), device=args.device, desc="student[random]",
+                        progress=_progress(args),
+                        extra={"method": f"random-{args.random_kind}", "teacher_queries": str(oracle.queries)})
+    print(f"{args.student} (random {args.random_kind}, {n:,} images, {oracle.queries:,} new teacher queries): "
+          f"val {m['val_acc']:.2f}% (held-out random images)  test {m['test_acc']:.2f}%  -> {args.out}")
     return 0
 
 
