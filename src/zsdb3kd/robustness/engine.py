@@ -110,15 +110,21 @@ def _hsja_sub(n_dirs: int = 20, init_tol: float = 1e-3, subspace: int = 2, subsp
                        subspace_queries=subspace_queries, **kw)
 
 
+def _hsja_sub_circle(**kw: Any) -> Estimator:
+    return _hsja_sub(update="circle", **kw)
+
+
 #: Named estimator presets: ``sd``/``bd``/``mbd`` are the paper's released settings;
-#: ``hsja`` is our query-efficient HopSkipJump-style search and ``hsja-sub`` the same with
-#: low-frequency probes for the first 1,000 queries of each pair (the most query-efficient).
+#: ``hsja`` is our query-efficient HopSkipJump-style search, ``hsja-sub`` the same with
+#: low-frequency probes for the first 1,000 queries of each pair, and ``hsja-sub-circle``
+#: that with the half-circle update instead of the step search (the most query-efficient).
 PRESETS: dict[str, Any] = {
     "sd": SampleDistance,
     "bd": BoundaryDistance,
     "mbd": _paper_mbd,
     "hsja": _hsja,
     "hsja-sub": _hsja_sub,
+    "hsja-sub-circle": _hsja_sub_circle,
 }
 
 

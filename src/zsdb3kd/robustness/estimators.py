@@ -424,19 +424,27 @@ class HopSkipJump(Estimator):
     normal is found with fewer queries; because the optimum need not lie in the subspace,
     a problem switches to full-resolution probes once it has spent ``subspace_queries``
     queries (``None``: never switches).
+
+    ``update = "circle"`` replaces the step search and the bisection by a bisection of the
+    angle on the half circle with diameter ``x0 -> x_b`` in the plane of ``x_b - x0`` and
+    the normal estimate (see :meth:`_circle`): no step schedule, and on a flat boundary it
+    lands on the closest point of that plane.
     """
 
     name = "hsja"
 
     def __init__(self, init: Estimator | None = None, n0: int = 50, n_max: int = 400, tol: float = 1e-3,
                  gamma: float = 1.0, step_tries: int = 12, subspace: int = 1,
-                 subspace_queries: int | None = None) -> None:
+                 subspace_queries: int | None = None, update: str = "step") -> None:
         if n0 < 2 or n_max < n0 or not 0 < tol < 1:
             raise ValueError(f"need 2 <= n0 <= n_max and 0 < tol < 1; got n0={n0}, n_max={n_max}, tol={tol}")
         if int(subspace) != subspace or subspace < 1:
             raise ValueError(f"subspace must be an integer resize factor >= 1, got {subspace}")
         if subspace_queries is not None and subspace_queries < 0:
             raise ValueError(f"subspace_queries must be >= 0 or None, got {subspace_queries}")
+        if update not in ("step", "circle"):
+            raise ValueError(f"update must be 'step' or 'circle', got {update!r}")
+        self.update = update
         self.init = init if init is not None else BoundaryDistance(n=20, tol=1e-3)
         self.n0, self.n_max, self.tol, self.gamma, self.step_tries = n0, n_max, tol, gamma, step_tries
         self.subspace, self.subspace_queries = int(subspace), subspace_queries
@@ -462,6 +470,13 @@ class HopSkipJump(Estimator):
                 break
             ids = torch.nonzero(act).squeeze(1)
             grad = self._grad(tr, ids, xb[ids], dist[ids], n_t[ids], generator)
+            if self.update == "circle":
+                new_xb, new_d = self._circle(tr, ids, xb[ids], dist[ids], grad)
+                better = new_d < dist[ids]
+                xb[ids[better]] = new_xb[better]
+                dist[ids[better]] = new_d[better]
+                t[ids] += 1
+                continue
             # geometric step search along the estimated normal (toward the target side)
             eps = dist[ids] / t[ids].sqrt()
             cand = xb[ids].clone()
@@ -499,6 +514,39 @@ class HopSkipJump(Estimator):
         theta, lam_out = _unit(xb - x0)
         lam_out = torch.where(ok, lam_out, torch.full_like(lam_out, float("inf")))
         return SearchResult(theta, lam_out)
+
+    def _circle(self, tr, ids, xb, dist, grad) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best verified point on the half circle with diameter ``x0 -> xb`` that bends toward
+        the estimated normal ``grad``: ``x0 + d cos(a) (cos(a) v + sin(a) w)`` for angle
+        ``a`` in ``[0, pi/2]``, ``v`` the unit direction to ``xb`` and ``w`` the part of
+        ``grad`` orthogonal to it. For a flat boundary the circle crosses it exactly at the
+        point of the plane closest to ``x0`` (Thales), so bisecting the crossing angle
+        replaces HSJA's step-size schedule (the idea of CGBA, Reza et al., ICCV 2023)."""
+        x0 = tr.flat0[ids]
+        shape = tr.x0.shape[1:]
+        v, d = _unit(xb - x0)
+        w, wn = _unit(grad - (grad * v).sum(1, keepdim=True) * v)
+        lo = torch.zeros_like(d)
+        hi = torch.full_like(d, math.pi / 2)
+        best, best_d = xb.clone(), dist.clone()
+        active = wn > 1e-6
+        for _ in range(60):
+            # stop once the radius cannot shrink by more than the relative tolerance
+            active &= (torch.cos(hi) < (1 - self.tol) * torch.cos(lo)) & (tr.remaining()[ids] > 0)
+            if not bool(active.any()):
+                break
+            r = torch.nonzero(active).squeeze(1)
+            a = (lo[r] + hi[r]) / 2
+            ca, sa = torch.cos(a)[:, None], torch.sin(a)[:, None]
+            p = (x0[r] + d[r, None] * ca * (ca * v[r] + sa * w[r])).clamp(tr.lower, tr.upper)
+            adv = tr.query(ids[r], p.view(-1, *shape))
+            lo[r[adv]] = a[adv]
+            hi[r[~adv]] = a[~adv]
+            pd = (p - x0[r]).norm(dim=1)
+            better = adv & (pd < best_d[r])
+            best[r[better]] = p[better]
+            best_d[r[better]] = pd[better]
+        return best, best_d
 
     def _probes(self, n: int, k: int, low: torch.Tensor, shape: tuple[int, ...], generator) -> torch.Tensor:
         """``(n, k, D)`` unit probe directions; rows where ``low`` is set come from the subspace."""
