@@ -100,7 +100,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default="runs/benchmark-cache")
+    ap.add_argument("--reach-budget", type=int, default=0,
+                    help="also run our methods to this many queries per pair (checkpoints every 1,000) and "
+                         "print how many they need to come within --reach of the reference")
+    ap.add_argument("--reach", default="1.05,1.10", help="median-ratio targets for --reach-budget")
     args = ap.parse_args()
+    if args.reach_budget and args.reach_budget < 1000:
+        ap.error("--reach-budget must be at least 1000")
     test = load_dataset(args.data, args.data_root, "test")
     train = load_dataset(args.data, args.data_root, "train")
     g = torch.Generator().manual_seed(args.seed)
@@ -160,6 +166,34 @@ def main() -> None:
         kl2, t2 = soft_agreement(d[2000], d_ref, labels)
         print(f"| {spec} | " + " | ".join(f"{r:.3f}" for r in ratios)
               + f" | {kl1:.2e} | {t1:.2f} | {kl2:.2e} | {t2:.2f} | {wall:.0f} | {q / wall:,.0f} |")
+    if args.reach_budget:
+        reach_table(args, sha, x, pool, d_ref, own, ref_wall)
+
+
+def reach_table(args, sha, x, pool, d_ref, own, ref_wall) -> None:
+    """Queries per pair (and wall time, pro rata) each of our methods needs before its median
+    ratio to the reference falls to each ``--reach`` target."""
+    targets = [float(t) for t in args.reach.split(",")]
+    cps = tuple(range(1000, args.reach_budget + 1, 1000))
+    print(f"\nqueries per pair to reach the reference ({args.reference_budget:,} q/pair, {ref_wall:.0f} s); "
+          f"searched up to {args.reach_budget:,}, in steps of 1,000")
+    print("| estimator | " + " | ".join(f"median <= {t:.2f}x: q/pair, s, speed-up" for t in targets) + " |")
+    print("|" + "---|" * (len(targets) + 1))
+    for spec in filter(None, args.methods.split(",")):
+        method, opts = parse_method(spec)
+        if method == "mbd" and not opts:
+            continue  # the reference itself
+        res, wall, q = run_cached(args, sha, x, pool, method, opts, args.reach_budget, cps)
+        med = {b: float((res.at(b).cpu()[~own] / d_ref[~own]).median()) for b in cps}
+        cells = []
+        for t in targets:
+            hit = next((b for b in cps if med[b] <= t), None)
+            if hit is None:
+                cells.append(f"not within {args.reach_budget:,} ({med[cps[-1]]:.3f}x)")
+            else:
+                w = wall * hit / args.reach_budget
+                cells.append(f"{hit:,}, {w:.0f} s, {args.reference_budget / hit:.1f}x q / {ref_wall / w:.1f}x time")
+        print(f"| {spec} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

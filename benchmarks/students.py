@@ -2,7 +2,7 @@
 
     python benchmarks/students.py --teacher T.safetensors \
         --labels ref=runs/ref/mbd20k.safetensors@20000 --labels mbd1k=runs/ref/mbd20k.safetensors@1000 \
-        --labels hsja1k=runs/ref/hsja-sub.safetensors@1000 [--seeds 0,1,2,3,4] [--epochs 1000]
+        --labels hsja1k=runs/ref/hsja-sub.safetensors@1000 [--seeds 0,1,2,3,4] [--epochs 200]
 
 Each ``--labels NAME=FILE@BUDGET`` is a robustness file (from ``zsdb3kd robustness`` on the
 training split) read at a budget per pair. All of them must cover the same samples. For
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from zsdb3kd.data import load_splits
 from zsdb3kd.distill import TrainConfig, accuracy, train
 from zsdb3kd.models import create_model
+from zsdb3kd.pipeline import load_splits
 from zsdb3kd.robustness import RobustnessResult
 from zsdb3kd.softlabels import logits_from_distances
 
@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-seed", type=int, default=0, help="--seed the robustness files were computed with")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="training seeds, comma separated")
     ap.add_argument("--student", default="lenet5-half")
-    ap.add_argument("--epochs", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--val-limit", type=int, default=1000,
+                    help="select models on the first N held-out images (evaluated every epoch)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--temperature", type=float, default=20.0)
     ap.add_argument("--no-ce", action="store_true", help="skip the hard-label baseline")
@@ -82,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_ce:
         entries.append(("ce (hard labels)", None))
     x = splits.train.x[indices]
+    xv, yv = splits.val.x[: args.val_limit], splits.val.y[: args.val_limit]
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"{len(indices)} samples, {len(seeds)} seeds, {args.epochs} epochs, student {args.student}", flush=True)
+    print(f"{len(indices)} samples, {len(seeds)} seeds, {args.epochs} epochs of batch {args.batch_size}, "
+          f"student {args.student}, selected on {len(yv)} held-out images", flush=True)
 
     acc: dict[str, list[float]] = {name: [] for name, _ in entries}
     for seed in seeds:
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, logits in entries:
             torch.manual_seed(seed)
             model = create_model(args.student, num_classes=len(splits.train.classes), input_shape=tuple(x.shape[1:]))
-            train(model, x, labels, splits.val.x, splits.val.y, cfg, teacher_logits=logits, progress=False)
+            train(model, x, labels, xv, yv, cfg, teacher_logits=logits, progress=False)
             acc[name].append(accuracy(model, splits.test.x, splits.test.y))
             print(f"seed {seed} {name}: {acc[name][-1]:.2f}%", flush=True)
 
