@@ -151,6 +151,45 @@ def test_hsja_sub_circle_beats_the_step_update_on_the_linear_teacher(linear_teac
     assert (med["hsja-sub-circle"] < med["hsja-sub"]).all()
 
 
+def test_capped_estimator_hands_over_at_its_cap(linear_teacher, linear_data):
+    from zsdb3kd.robustness.estimators import Capped, HopSkipJump
+
+    xs = _samples(3)
+    oracle = TorchOracle(linear_teacher, SHAPE, K)
+    labels = linear_teacher(xs).argmax(1)
+    pairs = [(i, t) for i in range(3) for t in range(K) if t != int(labels[i])]
+    idx = torch.tensor([p[0] for p in pairs])
+    tr = PairTracker(oracle, xs[idx], labels[idx], torch.tensor([p[1] for p in pairs]), 900, (300, 900))
+    g = torch.Generator().manual_seed(0)
+    first = Capped(HopSkipJump(update="circle"), 300)(tr, CandidatePool(*linear_data), g)
+    assert int(tr.queries.max()) <= 300 and int(tr.limit.min()) == 900  # the cap is lifted again
+    assert int(tr.queries.min()) > 150  # the inner search used most of its share (it stops short of a round)
+    second = SignOPT(init=Capped(HopSkipJump(update="circle"), 300), k=20)
+    tr2 = PairTracker(oracle, xs[idx], labels[idx], torch.tensor([p[1] for p in pairs]), 900, (300, 900))
+    res = second(tr2, CandidatePool(*linear_data), torch.Generator().manual_seed(0))
+    # the same search first (same seed); Sign-OPT starts where it stopped, which may be
+    # before the cap, so within 300 queries it is as good or better
+    full = tr.queries == 300
+    assert torch.equal(tr2.at[full, 0], tr.at[full, 0]) and bool((tr2.at[:, 0] <= tr.at[:, 0]).all())
+    assert int(tr2.queries.max()) <= 900 and bool((tr2.at[:, 1] <= first.lam + 1e-6).all())
+    assert float(tr2.at[:, 1].median()) < 0.95 * float(first.lam.median())
+    assert torch.allclose(res.lam, tr2.at[:, 1], rtol=1e-4)
+    with pytest.raises(ValueError, match="queries"):
+        Capped(HopSkipJump(), 0)
+
+
+def test_hybrid_converges_on_the_linear_teacher(linear_teacher, linear_data):
+    xs = _samples()
+    oracle = TorchOracle(linear_teacher, SHAPE, K)
+    s = RobustnessSettings(method="hybrid", budget=2000, checkpoints=(1000, 2000), options={"subspace_queries": 200})
+    res = compute_robustness(oracle, xs, s, pool=CandidatePool(*linear_data), progress=False)
+    assert oracle.queries == res.total_queries and int(res.queries.max()) <= 2000
+    r = _ratios(res, linear_teacher, xs)
+    assert (r >= 1 - 1e-4).all()
+    # achieved (median / worst pair): 1.08 / 1.23 at 1,000 queries, 1.002 / 1.07 at 2,000
+    assert np.median(r[:, 1]) < 1.01 and r[:, 1].max() < 1.15
+
+
 def test_budgets_and_counts_are_exact(mbd_run):
     _, oracle, xs, res = mbd_run
     assert int(res.queries.max()) <= 4000
@@ -182,7 +221,7 @@ def test_bd_is_an_upper_bound_and_mbd_improves_it(linear_teacher, linear_data):
 
 
 @pytest.mark.parametrize("budget", [1, 7, 150, 333])
-@pytest.mark.parametrize("method", ["bd", "mbd", "hsja", "hsja-sub", "hsja-sub-circle"])
+@pytest.mark.parametrize("method", ["bd", "mbd", "hsja", "hsja-sub", "hsja-sub-circle", "hybrid"])
 def test_per_pair_budget_never_exceeded(method, budget, linear_teacher, linear_data):
     oracle = TorchOracle(linear_teacher, SHAPE, K)
     xs = _samples(5)

@@ -31,7 +31,9 @@ from safetensors.torch import load_file, save_file
 from ..artifacts import load_tagged, save_tagged
 from ..oracle import LabelOracle
 from ..progress import QueryProgress
-from .estimators import ESTIMATORS, BoundaryDistance, CandidatePool, Estimator, HopSkipJump, SampleDistance, SignOPT
+from .estimators import (
+    ESTIMATORS, BoundaryDistance, CandidatePool, Capped, Estimator, HopSkipJump, SampleDistance, SignOPT,
+)
 from .tracker import PairTracker
 
 PAPER_CHECKPOINTS = (1000, 2000, 4000, 6000, 8000, 10000, 12000, 14000, 16000, 18000, 20000)
@@ -114,10 +116,16 @@ def _hsja_sub_circle(**kw: Any) -> Estimator:
     return _hsja_sub(update="circle", **kw)
 
 
+def _hybrid(switch: int = 1000, k: int = 100, alpha: float = 0.2, beta: float = 0.01, **kw: Any) -> Estimator:
+    return SignOPT(init=Capped(_hsja_sub_circle(**kw), switch), k=k, alpha=alpha, beta=beta)
+
+
 #: Named estimator presets: ``sd``/``bd``/``mbd`` are the paper's released settings;
 #: ``hsja`` is our query-efficient HopSkipJump-style search, ``hsja-sub`` the same with
 #: low-frequency probes for the first 1,000 queries of each pair, and ``hsja-sub-circle``
-#: that with the half-circle update instead of the step search (the most query-efficient).
+#: that with the half-circle update instead of the step search; ``hybrid`` runs
+#: ``hsja-sub-circle`` for each pair's first 1,000 queries, then Sign-OPT (100 probes,
+#: beta 0.01) from where it stopped (the most query-efficient from 1,000 queries on).
 PRESETS: dict[str, Any] = {
     "sd": SampleDistance,
     "bd": BoundaryDistance,
@@ -125,6 +133,7 @@ PRESETS: dict[str, Any] = {
     "hsja": _hsja,
     "hsja-sub": _hsja_sub,
     "hsja-sub-circle": _hsja_sub_circle,
+    "hybrid": _hybrid,
 }
 
 

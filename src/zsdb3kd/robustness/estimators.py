@@ -258,6 +258,27 @@ class BoundaryDistance(Estimator):
         return SearchResult(best_theta, best_lam)
 
 
+class Capped(Estimator):
+    """Runs ``inner`` on at most the first ``queries`` queries of each problem, so it can
+    hand over to another estimator (e.g. as the ``init`` of :class:`SignOPT`)."""
+
+    name = "capped"
+
+    def __init__(self, inner: Estimator, queries: int) -> None:
+        if queries < 1:
+            raise ValueError(f"queries must be >= 1, got {queries}")
+        self.inner, self.queries = inner, int(queries)
+        self.needs_pool = inner.needs_pool
+
+    def _run(self, tracker, pool, generator):
+        saved = tracker.limit
+        tracker.limit = torch.minimum(saved, torch.full_like(saved, self.queries))
+        try:
+            return self.inner(tracker, pool, generator)
+        finally:
+            tracker.limit = saved
+
+
 @ESTIMATORS.register("signopt")
 class SignOPT(Estimator):
     """MBD: Sign-OPT refinement (arXiv 1909.10773) of a BD initialisation.
