@@ -407,3 +407,13 @@ def test_distill_random_reads_only_the_test_split_and_reuses_its_labels(teacher,
     assert rc == 2 and "budget" in err and "Traceback" not in err
     rc = main(argv + ["--pseudo", "p.safetensors"])
     assert rc == 2 and "neither" in capsys.readouterr().err
+
+
+def test_robustness_help_names_every_estimator_preset(capsys):
+    from zsdb3kd.robustness import PRESETS
+
+    with pytest.raises(SystemExit) as e:
+        main(["robustness", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert [k for k in PRESETS if k not in out] == []

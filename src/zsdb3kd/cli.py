@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo", default=None,
                    help="zero-shot: label the pseudo samples of this file (from 'synthesize') instead of --data")
     p.add_argument("--subset", type=int, default=None, help="number of samples (deterministic under --seed)")
-    p.add_argument("--method", default="mbd", help="sd, bd or mbd (paper settings)")
+    p.add_argument("--method", default="mbd",
+                   help="estimator preset: sd, bd, mbd (the paper's settings), hsja, hsja-sub, hsja-sub-circle, "
+                        "hybrid (the most query-efficient from 1,000 queries per pair)")
     p.add_argument("--budget", type=int, default=20000, help="queries per (sample, target) pair")
     p.add_argument("--checkpoints", type=_ints, default=None, help="budgets to record, e.g. 1000,2000,4000")
     p.add_argument("--options", type=_kv, default={}, help="estimator options, e.g. k=100,n_dirs=50")
