@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="select models on the first N held-out images (evaluated every epoch)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--temperature", type=float, default=20.0)
+    ap.add_argument("--kl-reduction", default="sum", choices=["sum", "batchmean"],
+                    help="KL summed over the batch (as released) or averaged")
     ap.add_argument("--no-ce", action="store_true", help="skip the hard-label baseline")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -87,12 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     xv, yv = splits.val.x[: args.val_limit], splits.val.y[: args.val_limit]
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"{len(indices)} samples, {len(seeds)} seeds, {args.epochs} epochs of batch {args.batch_size}, "
+          f"T = {args.temperature}, KL {args.kl_reduction}, "
           f"student {args.student}, selected on {len(yv)} held-out images", flush=True)
 
     acc: dict[str, list[float]] = {name: [] for name, _ in entries}
     for seed in seeds:
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          temperature=args.temperature, seed=seed)
+                          temperature=args.temperature, kl_reduction=args.kl_reduction, seed=seed)
         for name, logits in entries:
             torch.manual_seed(seed)
             model = create_model(args.student, num_classes=len(splits.train.classes), input_shape=tuple(x.shape[1:]))
