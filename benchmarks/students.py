@@ -12,6 +12,10 @@ held-out split and evaluated once on the test split. The table shows the mean an
 deviation of test accuracy over seeds and, per entry, the paired difference to the first
 entry (the reference): the seeds are shared, so the difference is less noisy than either mean.
 
+First it prints each entry's distances against the first entry's: the median ratio over
+all pairs and over each sample's 3 nearest targets, and the soft labels' KL (T = 20) and
+top-2 agreement.
+
 The data split (``--data``, ``--val-size``, ``--split-seed``) must be the one the robustness
 files were computed on; the file's indices are checked against it.
 """
@@ -24,6 +28,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from zsdb3kd.distill import TrainConfig, accuracy, train
 from zsdb3kd.models import create_model
@@ -43,6 +49,23 @@ def parse_labels(spec: str) -> tuple[str, Path, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"budget must be an integer in {spec!r}") from None
     return name, Path(path), b
+
+
+def print_label_quality(names: list[str], dists: list[torch.Tensor], labels: torch.Tensor, top: int = 3) -> None:
+    """Each entry's distances as a median ratio to the first entry's, over all pairs and over
+    each sample's ``top`` nearest targets (by the first entry), and its soft labels' agreement."""
+    from boundary import soft_agreement
+
+    ref = dists[0]
+    own = torch.nn.functional.one_hot(labels, ref.shape[1]).bool()
+    nearest = torch.zeros_like(own).scatter_(1, ref.masked_fill(own, float("inf")).argsort(1)[:, :top], True)
+    print(f"| labels | median ratio to {names[0]} | on the {top} nearest targets | KL at T = 20 | top-2 agreement |")
+    print("|---|---:|---:|---:|---:|")
+    for name, d in zip(names, dists):
+        kl, top2 = soft_agreement(d, ref, labels)
+        r = d / ref
+        print(f"| {name} | {r[~own].median():.3f} | {r[nearest].median():.3f} | {kl:.2e} | {top2:.2f} |")
+    print(flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     splits = load_splits(args.data, args.data_root, args.val_size, args.split_seed)
     entries = []
+    dists = []
     indices = labels = None
     for name, path, budget in args.labels:
         if not path.is_file():
@@ -83,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         if int(res.indices.max()) >= len(splits.train):
             ap.error(f"{path} does not index this training split (same --data/--val-size/--split-seed?)")
         entries.append((name, logits_from_distances(res.at(budget), res.teacher_labels)))
+        dists.append(res.at(budget))
     if not args.no_ce:
         entries.append(("ce (hard labels)", None))
+    print_label_quality([e[0] for e in entries], dists, labels)
     x = splits.train.x[indices]
     xv, yv = splits.val.x[: args.val_limit], splits.val.y[: args.val_limit]
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -15,6 +15,10 @@ Estimators:
   the target class (or random directions), skipping directions that cannot beat the best.
 * :class:`SignOPT` (MBD): BD initialisation refined by the Sign-OPT zeroth-order
   optimiser of Cheng et al. (arXiv 1909.10773), with per-problem step sizes.
+* :class:`HopSkipJump`: a targeted HopSkipJump-style search (boundary-normal estimates at
+  the boundary), optionally with low-frequency probes and the half-circle update.
+* :class:`Capped`: any estimator limited to each problem's first ``q`` queries, so it can
+  be the initialisation of another (the ``hybrid`` preset: HSJA, then Sign-OPT).
 """
 
 from __future__ import annotations
