@@ -275,12 +275,8 @@ class Capped(Estimator):
         self.needs_pool = inner.needs_pool
 
     def _run(self, tracker, pool, generator):
-        saved = tracker.limit
-        tracker.limit = torch.minimum(saved, torch.full_like(saved, self.queries))
-        try:
+        with tracker.capped(self.queries):
             return self.inner(tracker, pool, generator)
-        finally:
-            tracker.limit = saved
 
 
 @ESTIMATORS.register("signopt")

@@ -16,7 +16,8 @@ Distances are measured to the point actually sent (after clipping to the box).
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
@@ -81,6 +82,17 @@ class PairTracker:
         sub.queries = self.queries[rows].clone()
         sub.at = self.at[rows].clone()
         return sub
+
+    @contextlib.contextmanager
+    def capped(self, queries: int) -> Iterator["PairTracker"]:
+        """Within the block, no problem may pass ``queries`` queries in total (its own limit
+        still holds); the limits are restored on exit."""
+        saved = self.limit
+        self.limit = torch.minimum(saved, torch.full_like(saved, int(queries)))
+        try:
+            yield self
+        finally:
+            self.limit = saved
 
     def merge(self, rows: torch.Tensor, sub: "PairTracker") -> None:
         self.queries[rows] = sub.queries
