@@ -426,3 +426,13 @@ def test_workers_share_a_work_dir_through_chunk_locks(tmp_path, linear_teacher, 
     torch.testing.assert_close(res.distances, full.distances, rtol=0, atol=0, equal_nan=True)
     assert oracle.queries == full.total_queries - (int(full.queries[2:4].sum()) + 2)  # chunk 1 not recomputed
     assert not list(parts.glob("*.lock"))
+
+
+def test_saved_result_records_its_environment(tmp_path):
+    """Bit-for-bit reruns need the same versions and thread count: every saved artifact says which."""
+    res = RobustnessResult(torch.zeros(1, 2, 1), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                           torch.zeros(1, dtype=torch.long), torch.tensor([10]), {"seed": 0})
+    back = RobustnessResult.load(res.save(tmp_path / "r.safetensors"))
+    env = back.provenance["environment"]
+    assert env["threads"] == torch.get_num_threads() and env["torch"] == torch.__version__
+    assert back.provenance == res.provenance and back.provenance["seed"] == 0

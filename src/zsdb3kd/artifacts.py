@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,28 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
+def environment() -> dict[str, Any]:
+    """What a result's exact numbers depend on beyond its settings and seed. PyTorch's CPU
+    kernels may sum in another order with another number of threads, so a rerun reproduces
+    the numbers bit for bit only with the same versions, device type and thread count."""
+    from . import __version__
+
+    return {"zsdb3kd": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "threads": torch.get_num_threads()}
+
+
 def save_tagged(path: str | os.PathLike, tensors: dict[str, torch.Tensor], fmt: str,
                 provenance: dict[str, Any] | None = None, **metadata: str) -> Path:
-    """Write ``tensors`` to ``path`` with metadata ``format=fmt`` and ``provenance`` (JSON)."""
+    """Write ``tensors`` to ``path`` with metadata ``format=fmt`` and ``provenance`` (JSON).
+
+    :func:`environment` is recorded under ``provenance["environment"]`` unless already there;
+    the dict is updated in place, so the saved object and the file agree."""
     path = Path(path)
+    provenance = {} if provenance is None else provenance
+    provenance.setdefault("environment", environment())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    meta = {"format": fmt, "provenance": json.dumps(provenance or {}, sort_keys=True, default=str), **metadata}
+    meta = {"format": fmt, "provenance": json.dumps(provenance, sort_keys=True, default=str), **metadata}
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path

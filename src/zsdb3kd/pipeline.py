@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .artifacts import environment
 from .data import ImageSet, dataset_fingerprint, load_dataset, train_val_split
 from .distill import TrainConfig, accuracy, predict, train
 from .models import create_model
@@ -407,6 +408,7 @@ def _stage_teacher(cfg: RunConfig, run: Path, progress) -> tuple[Path, dict[str,
         return path, json.loads(mpath.read_text())
     log(f"teacher: training {cfg.teacher.arch} for {cfg.teacher.epochs} epochs")
     metrics = train_teacher(splits, cfg.teacher.arch, path, tcfg, device=cfg.device, progress=progress)
+    metrics["environment"] = environment()
     _write_json(mpath, metrics)
     return path, metrics
 
@@ -495,6 +497,7 @@ def _train_row(spec: str, run: Path, cfg: RunConfig, key_parts: list, make_input
     metrics = distill_student(cfg.student.arch, x, y, val, test, scfg, out, teacher_logits=tl,
                               num_classes=num_classes, device=cfg.device, desc=f"student[{spec}]",
                               progress=progress, extra={"method": spec})
+    metrics["environment"] = environment()
     _write_json(mpath, metrics)
     log(f"student[{spec}]: val {metrics['val_acc']:.2f}%  test {metrics['test_acc']:.2f}%")
     return metrics
@@ -515,6 +518,7 @@ def run_experiment(config: RunConfig | str | os.PathLike, run_dir: str | os.Path
     else:
         report, extras = _run_db3kd(cfg, run, teacher_path, teacher_sha, teacher_metrics, progress)
     report["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    report["environment"] = environment()
     write_report(run, report, extras)
     return report
 
