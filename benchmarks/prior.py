@@ -35,7 +35,7 @@ from limits import whitebox_min_l2  # noqa: E402
 from zsdb3kd.data import load_dataset  # noqa: E402
 from zsdb3kd.oracle import load_oracle  # noqa: E402
 from zsdb3kd.robustness import CandidatePool, RobustnessSettings, compute_robustness, engine  # noqa: E402
-from zsdb3kd.robustness.estimators import _MAX_ELEMS, HopSkipJump, _unit  # noqa: E402
+from zsdb3kd.robustness.estimators import HopSkipJump  # noqa: E402
 from zsdb3kd.robustness.tracker import PairTracker  # noqa: E402
 from zsdb3kd.weights import file_sha256, load_weights  # noqa: E402
 
@@ -50,44 +50,21 @@ class PriorHopSkipJump(HopSkipJump):
         super().__init__(**kw)
         self.basis, self.lam, self.shrink = basis, lam, shrink
 
-    def _grad(self, tr, ids, xb, dist, n_t, generator):
-        n, D = xb.shape
-        B = self.basis[tr.target[ids]].to(xb.device)  # (n, k, D)
-        k = B.shape[1]
-        delta = self.gamma * dist.clamp_min(1e-6) / D**0.5
+    def _draw(self, tr, ids, k, low, generator):
+        B = self.basis[tr.target[ids]].to(tr.device)  # (n, kB, D)
+        r = super()._draw(tr, ids, k, low, generator).to(tr.device)
+        r = r - torch.einsum("ncj,njd->ncd", torch.einsum("ncd,njd->ncj", r, B), B)  # outside B
+        z = torch.randn(len(ids), k, B.shape[1], generator=generator).to(tr.device) / B.shape[1] ** 0.5
+        u = self.lam**0.5 * torch.einsum("ncj,njd->ncd", z, B) + (1 - self.lam) ** 0.5 * r
+        return u / u.norm(dim=2, keepdim=True).clamp_min(1e-12)
+
+    def _combine(self, tr, ids, m, low):
+        B = self.basis[tr.target[ids]].to(tr.device)
         C, H, W = tr.x0.shape[1:]
-        low = torch.zeros(n, dtype=torch.bool, device=xb.device)  # probes outside B at low resolution
-        if self.subspace > 1:
-            low = tr.queries[ids] < self.subspace_queries if self.subspace_queries is not None else ~low
-        d_low = C * -(-H // self.subspace) * -(-W // self.subspace)
-        d_out = torch.where(low, float(d_low), float(D))
-        kmax = int(n_t.max())
-        chunk = max(1, min(kmax, _MAX_ELEMS // max(1, n * D)))
-        m = torch.zeros_like(xb)
-        s_u = torch.zeros_like(xb)
-        s_phi = torch.zeros(n, device=xb.device)
-        for s in range(0, kmax, chunk):
-            kc = min(chunk, kmax - s)
-            r = self._probes(n, kc, low, tuple(tr.x0.shape[1:]), generator).to(xb.device)
-            r = r - torch.einsum("ncj,njd->ncd", torch.einsum("ncd,njd->ncj", r, B), B)  # outside B
-            z = torch.randn(n, kc, k, generator=generator).to(xb.device) / k**0.5
-            u = self.lam**0.5 * torch.einsum("ncj,njd->ncd", z, B) + (1 - self.lam) ** 0.5 * r
-            u = u / u.norm(dim=2, keepdim=True).clamp_min(1e-12)
-            use = torch.arange(s, s + kc, device=xb.device)[None, :] < n_t[:, None]
-            rows = use.nonzero()
-            probe = xb[rows[:, 0]] + delta[rows[:, 0], None] * u[rows[:, 0], rows[:, 1]]
-            adv = tr.query(ids[rows[:, 0]], probe.view(-1, *tr.x0.shape[1:]))
-            phi = torch.zeros(n, kc, device=xb.device)
-            phi[rows[:, 0], rows[:, 1]] = torch.where(adv, 1.0, -1.0)
-            u = u * use[..., None]
-            m += (phi[..., None] * u).sum(1)
-            s_u += u.sum(1)
-            s_phi += phi.sum(1)
-        mean = s_phi / n_t.float()
-        m -= torch.where(mean.abs() < 1, mean, torch.zeros_like(mean))[:, None] * s_u
+        d_low = C * -(-H // self.subspace) * -(-W // self.subspace)  # dims of the low-resolution probes
+        d_out = torch.where(low, float(d_low), float(C * H * W))
         m_in = torch.einsum("njd,nj->nd", B, torch.einsum("njd,nd->nj", B, m))
-        g = (k / self.lam) * m_in + self.shrink * (d_out[:, None] / (1 - self.lam)) * (m - m_in)
-        return _unit(g)[0]
+        return (B.shape[1] / self.lam) * m_in + self.shrink * (d_out[:, None] / (1 - self.lam)) * (m - m_in)
 
 
 def per_target_basis(directions: torch.Tensor, target: torch.Tensor, K: int, k: int) -> torch.Tensor:

@@ -603,7 +603,7 @@ class HopSkipJump(Estimator):
                 low = tr.queries[ids] < self.subspace_queries
         for s in range(0, kmax, chunk):
             kc = min(chunk, kmax - s)
-            u = self._probes(n, kc, low, tuple(tr.x0.shape[1:]), generator).to(xb.device)
+            u = self._draw(tr, ids, kc, low, generator).to(xb.device)
             use = torch.arange(s, s + kc, device=xb.device)[None, :] < n_t[:, None]  # (n, kc)
             rows = use.nonzero()
             probe = (xb[rows[:, 0]] + delta[rows[:, 0], None] * u[rows[:, 0], rows[:, 1]]).clamp(tr.lower, tr.upper)
@@ -616,5 +616,15 @@ class HopSkipJump(Estimator):
             s_phi += phi.sum(1)
         mean = s_phi / n_t.float()
         mean = torch.where(mean.abs() < 1, mean, torch.zeros_like(mean))  # all answers equal: no centring
-        g, _ = _unit(s_phi_u - mean[:, None] * s_u)
+        g, _ = _unit(self._combine(tr, ids, s_phi_u - mean[:, None] * s_u, low))
         return g
+
+    def _draw(self, tr, ids, k: int, low: torch.Tensor, generator) -> torch.Tensor:
+        """``(len(ids), k, D)`` probe directions for problems ``ids`` (a hook: subclasses may
+        draw them otherwise, e.g. from a prior)."""
+        return self._probes(len(ids), k, low, tuple(tr.x0.shape[1:]), generator)
+
+    def _combine(self, tr, ids, m: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """The normal estimate (any scale) from ``m``, the centred sum of the sign-weighted
+        probes (a hook: a subclass whose probes are not isotropic undoes their covariance)."""
+        return m
