@@ -109,20 +109,25 @@ class Recording(HopSkipJump):
         return g
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def benchmark_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments every white-box study of a ``boundary.py`` run shares."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--data-root", default=None)
-    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--samples", type=int, default=10, help="study the first this many benchmark samples")
     ap.add_argument("--benchmark-samples", type=int, default=50, help="the boundary.py run whose reference to use")
     ap.add_argument("--reference-budget", type=int, default=20000)
-    ap.add_argument("--budget", type=int, default=2000, help="queries per pair for the recorded search")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default="runs/benchmark-cache")
-    args = ap.parse_args()
+    return ap
+
+
+def load_benchmark(args):
+    """The first ``--samples`` of the ``boundary.py`` samples, their reference distances
+    (computed into the cache if missing), the candidate pool, the training set and the
+    teacher as a white-box model (frozen). Returns ``x, d_ref, labels, own, pool, train, model``."""
     args.device = "cpu"
-    torch.manual_seed(args.seed)
     test = load_dataset(args.data, args.data_root, "test")
     train = load_dataset(args.data, args.data_root, "train")
     g = torch.Generator().manual_seed(args.seed)
@@ -130,16 +135,24 @@ def main() -> None:
     pool = CandidatePool(train.x, train.y)
     ref_cps = tuple(sorted(set(boundary.BUDGETS) | {args.reference_budget}))
     ref, _, _ = boundary.run_cached(args, file_sha256(args.teacher), x, pool, "mbd", {}, args.reference_budget, ref_cps)
-    x = x[: args.samples]
     d_ref = ref.at(args.reference_budget)[: args.samples]
     labels = ref.teacher_labels[: args.samples]
     own = F.one_hot(labels, d_ref.shape[1]).bool()
-    pairs = torch.nonzero(~own)
-    x0, tgt = x[pairs[:, 0]], pairs[:, 1]
     model, _ = load_weights(args.teacher)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    return x[: args.samples], d_ref, labels, own, pool, train, model
+
+
+def main() -> None:
+    ap = benchmark_arguments(__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=int, default=2000, help="queries per pair for the recorded search")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    x, d_ref, labels, own, pool, train, model = load_benchmark(args)
+    pairs = torch.nonzero(~own)
+    x0, tgt = x[pairs[:, 0]], pairs[:, 1]
 
     wb, delta = whitebox_min_l2(model, x0, tgt)
     ratio = wb / d_ref[pairs[:, 0], pairs[:, 1]]

@@ -21,7 +21,6 @@ Prints the median ratio to the paper-faithful MBD at 20,000 queries per pair (th
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,15 +28,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import boundary  # noqa: E402
-from limits import whitebox_min_l2  # noqa: E402
+from limits import benchmark_arguments, load_benchmark, whitebox_min_l2  # noqa: E402
 
-from zsdb3kd.data import load_dataset  # noqa: E402
 from zsdb3kd.oracle import load_oracle  # noqa: E402
-from zsdb3kd.robustness import CandidatePool, RobustnessSettings, compute_robustness, engine  # noqa: E402
+from zsdb3kd.robustness import RobustnessSettings, compute_robustness, engine  # noqa: E402
 from zsdb3kd.robustness.estimators import HopSkipJump  # noqa: E402
 from zsdb3kd.robustness.tracker import PairTracker  # noqa: E402
-from zsdb3kd.weights import file_sha256, load_weights  # noqa: E402
 
 BUDGETS = (250, 500, 1000, 2000)
 
@@ -69,6 +65,10 @@ class PriorHopSkipJump(HopSkipJump):
 
 def per_target_basis(directions: torch.Tensor, target: torch.Tensor, K: int, k: int) -> torch.Tensor:
     d = F.normalize(directions.flatten(1), dim=1)
+    counts = torch.bincount(target, minlength=K)
+    if int(counts.min()) < k:
+        raise SystemExit(f"a {k}-dimensional prior needs at least {k} directions per target class; class "
+                         f"{int(counts.argmin())} has {int(counts.min())}: raise --prior-images")
     return torch.stack([torch.linalg.svd(d[target == t], full_matrices=False).Vh[:k] for t in range(K)])
 
 
@@ -79,33 +79,13 @@ def all_pairs(x: torch.Tensor, labels: torch.Tensor, K: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--data", default="fashion-mnist")
-    ap.add_argument("--data-root", default=None)
-    ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--benchmark-samples", type=int, default=50, help="the boundary.py run whose reference to use")
+    ap = benchmark_arguments(__doc__.splitlines()[0])
     ap.add_argument("--prior-images", type=int, default=300)
     ap.add_argument("--settings", default="50:0.3:1,50:0.3:0.5,50:0.3:0.2,20:0.3:0.5",
                     help="comma-separated k:lam:shrink")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", default="runs/benchmark-cache")
     args = ap.parse_args()
-    args.device, args.reference_budget = "cpu", 20000
-    test = load_dataset(args.data, args.data_root, "test")
-    train = load_dataset(args.data, args.data_root, "train")
-    x = test.x[torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[: args.benchmark_samples]]
-    pool = CandidatePool(train.x, train.y)
-    ref, _, _ = boundary.run_cached(args, file_sha256(args.teacher), x, pool, "mbd", {}, args.reference_budget,
-                                    tuple(sorted(set(boundary.BUDGETS) | {args.reference_budget})))
-    x = x[: args.samples]
-    d_ref = ref.at(args.reference_budget)[: args.samples]
-    own = F.one_hot(ref.teacher_labels[: args.samples], d_ref.shape[1]).bool()
+    x, d_ref, labels, own, pool, train, model = load_benchmark(args)
     K = d_ref.shape[1]
-    model, _ = load_weights(args.teacher)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
 
     # priors from training images that the benchmark never sees
     xp = train.x[torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + 1))[: args.prior_images]]
@@ -120,7 +100,7 @@ def main() -> None:
           f"{oracle.queries:,} queries")
 
     # how much of a held-out optimum lies in each prior's subspace
-    xt, _, tt = all_pairs(x, ref.teacher_labels[: args.samples], K)
+    xt, _, tt = all_pairs(x, labels, K)
     opt = F.normalize(whitebox_min_l2(model, xt, tt)[1].flatten(1), dim=1)
     for name, (dirs, t) in priors.items():
         shares = []
