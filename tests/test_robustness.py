@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -436,3 +438,66 @@ def test_saved_result_records_its_environment(tmp_path):
     env = back.provenance["environment"]
     assert env["threads"] == torch.get_num_threads() and env["torch"] == torch.__version__
     assert back.provenance == res.provenance and back.provenance["seed"] == 0
+
+
+def test_a_waiting_worker_loads_the_result_another_worker_saved(tmp_path, linear_teacher, linear_data):
+    """Two workers share ``<out>.parts``; the one that finishes saves ``out`` and removes the
+    chunks while the other still waits for one of them: that one returns the saved result
+    instead of failing."""
+    import shutil
+    import socket
+    import subprocess
+    import threading
+
+    from zsdb3kd.robustness.engine import WorkDirectoryRemoved, compute_to_file
+
+    xs = _samples(4)
+    pool = CandidatePool(*linear_data)
+    s = RobustnessSettings(method="hsja", budget=150, checkpoints=(150,), chunk_size=2, seed=3)
+    full = compute_to_file(tmp_path / "ref.safetensors", TorchOracle(linear_teacher, SHAPE, K), xs, s, pool=pool,
+                           progress=False)
+    assert not (tmp_path / "ref.safetensors.parts").exists()  # chunks removed once the result is saved
+    out = tmp_path / "r.safetensors"
+    parts = tmp_path / "r.safetensors.parts"
+    parts.mkdir()
+    live = subprocess.Popen(["sleep", "60"])  # the other worker, busy with chunk 1
+    (parts / "chunk-00001.safetensors.lock").write_text(f"{live.pid} {socket.gethostname()}")
+    oracle = TorchOracle(linear_teacher, SHAPE, K)
+    got = {}
+
+    def work():
+        try:
+            got["r"] = compute_to_file(out, oracle, xs, s, pool=pool, progress=False)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            got["e"] = e
+
+    worker = threading.Thread(target=work)
+    try:
+        worker.start()
+        for _ in range(200):
+            if (parts / "chunk-00000.safetensors").exists():
+                break
+            worker.join(0.05)
+        assert worker.is_alive()
+        # the other worker finishes: saves the result, removes the work directory
+        shutil.copy(tmp_path / "ref.safetensors", out)
+        shutil.rmtree(parts)
+        worker.join(30)
+        assert not worker.is_alive()
+    finally:
+        live.kill()
+    assert "e" not in got, got.get("e")
+    torch.testing.assert_close(got["r"].distances, full.distances, rtol=0, atol=0, equal_nan=True)
+    # without a saved result, a vanished work directory is still an error
+    parts.mkdir()
+    (parts / "chunk-00001.safetensors.lock").write_text(f"{os.getppid()} {socket.gethostname()}")
+    out.unlink()
+    worker = threading.Thread(target=work)
+    worker.start()
+    for _ in range(200):
+        if (parts / "chunk-00000.safetensors").exists():
+            break
+        worker.join(0.05)
+    shutil.rmtree(parts)
+    worker.join(30)
+    assert isinstance(got.get("e"), WorkDirectoryRemoved)

@@ -209,8 +209,8 @@ def _cmd_robustness(args) -> int:
     from .data import load_dataset
     from .oracle import load_oracle
     from .pipeline import choose_subset, load_splits
-    from .robustness import CandidatePool, RobustnessSettings, compute_robustness
-    from .robustness.engine import PAPER_CHECKPOINTS, cleanup_parts
+    from .robustness import CandidatePool, RobustnessSettings
+    from .robustness.engine import PAPER_CHECKPOINTS, compute_to_file
     from .weights import file_sha256
 
     oracle = load_oracle(args.teacher, device=args.device, budget=args.query_budget, arch=args.arch)
@@ -231,13 +231,9 @@ def _cmd_robustness(args) -> int:
                                   rank_fraction=args.rank_fraction, top_k=args.top_k)
     pool = CandidatePool(pool_x.to(args.device), pool_y.to(args.device))
     out = Path(args.out)
-    parts = out.with_name(out.name + ".parts")
-    res = compute_robustness(oracle, x.to(args.device), settings, pool=pool, indices=idx, work_dir=parts,
-                             progress=_progress(args),
-                             provenance={"teacher": args.teacher, "teacher_sha256": file_sha256(args.teacher),
-                                         "data": src_name, "split": "pseudo" if args.pseudo else args.split})
-    res.save(out)
-    cleanup_parts(parts)
+    res = compute_to_file(out, oracle, x.to(args.device), settings, pool=pool, indices=idx, progress=_progress(args),
+                          provenance={"teacher": args.teacher, "teacher_sha256": file_sha256(args.teacher),
+                                      "data": src_name, "split": "pseudo" if args.pseudo else args.split})
     d = res.distances[:, :, -1]
     finite = d[torch.isfinite(d)]
     print(f"{len(idx)} samples, median distance {finite.median():.4f} at {settings.budget} queries/pair, "

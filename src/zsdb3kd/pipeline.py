@@ -32,8 +32,8 @@ from .data import ImageSet, dataset_fingerprint, load_dataset, train_val_split
 from .distill import TrainConfig, accuracy, predict, train
 from .models import create_model
 from .oracle import LabelOracle, load_oracle
-from .robustness import CandidatePool, RobustnessResult, RobustnessSettings, compute_robustness
-from .robustness.engine import PAPER_CHECKPOINTS, PRESETS
+from .robustness import CandidatePool, RobustnessResult, RobustnessSettings
+from .robustness.engine import PAPER_CHECKPOINTS, PRESETS, compute_to_file
 from .softlabels import logits_from_distances
 from .weights import file_sha256, load_weights, save_weights
 
@@ -424,14 +424,8 @@ def _stage_robustness(oracle: LabelOracle, method: str, x: torch.Tensor, indices
         return RobustnessResult.load(out), out
     log(f"robustness[{method}]: {len(x)} samples x {oracle.num_classes - 1} targets, "
         f"budget {settings.budget} queries per pair")
-    parts = out.with_name(out.name + ".parts")
-    res = compute_robustness(oracle, x.to(cfg.device), settings, pool=pool, indices=indices, work_dir=parts,
-                             progress=progress,
-                             provenance={"teacher_sha256": teacher_sha, "data": data_name, "data_key": data_key})
-    res.save(out)
-    from .robustness.engine import cleanup_parts
-
-    cleanup_parts(parts)
+    res = compute_to_file(out, oracle, x.to(cfg.device), settings, pool=pool, indices=indices, progress=progress,
+                          provenance={"teacher_sha256": teacher_sha, "data": data_name, "data_key": data_key})
     return res, out
 
 

@@ -335,7 +335,12 @@ def compute_robustness(
                 sl = slice(c * settings.chunk_size, min(N, (c + 1) * settings.chunk_size))
                 part = parts / f"chunk-{c:05d}.safetensors" if parts is not None else None
                 if part is not None and part.exists():
-                    done[c] = load_file(str(part))
+                    try:
+                        done[c] = load_file(str(part))
+                    except FileNotFoundError:
+                        if parts.is_dir():
+                            raise
+                        raise WorkDirectoryRemoved(parts) from None
                     reused_queries += int(done[c]["queries"].sum()) + (sl.stop - sl.start)
                     bar.advance(sl.stop - sl.start)
                     continue
@@ -357,8 +362,7 @@ def compute_robustness(
             if todo:
                 time.sleep(2.0)
                 if not parts.is_dir():
-                    raise RuntimeError(f"work directory {parts} was removed while waiting for other workers' chunks "
-                                       "(another worker finished and wrote the result)")
+                    raise WorkDirectoryRemoved(parts)
     results = [done[c] for c in range(n_chunks)]
     wall = time.perf_counter() - t0
     cat = {k: torch.cat([r[k] for r in results]) for k in results[0]} if results else {}
@@ -391,3 +395,33 @@ def compute_robustness(
 def cleanup_parts(work_dir: str | os.PathLike) -> None:
     """Remove a finished run's chunk directory."""
     shutil.rmtree(work_dir, ignore_errors=True)
+
+
+class WorkDirectoryRemoved(RuntimeError):
+    """The work directory vanished while this worker waited for other workers' chunks:
+    normally another worker finished the run, saved the result and cleaned up."""
+
+    def __init__(self, parts: Path) -> None:
+        super().__init__(f"work directory {parts} was removed while waiting for other workers' chunks "
+                         "(did another worker finish and write the result?)")
+        self.parts = parts
+
+
+def compute_to_file(out: str | os.PathLike, oracle: LabelOracle, x: torch.Tensor, settings: RobustnessSettings,
+                    **kwargs) -> RobustnessResult:
+    """:func:`compute_robustness` into the file ``out``, with its finished chunks kept in
+    ``<out>.parts`` until the result is saved: an interrupted run resumes, and several
+    workers (processes running the same command) share the work. The worker that finishes
+    last saves the result and removes the chunks; a worker still waiting then loads the saved
+    result instead of failing."""
+    out = Path(out)
+    parts = out.with_name(out.name + ".parts")
+    try:
+        res = compute_robustness(oracle, x, settings, work_dir=parts, **kwargs)
+    except WorkDirectoryRemoved:
+        if not out.is_file():
+            raise
+        return RobustnessResult.load(out)
+    res.save(out)
+    cleanup_parts(parts)
+    return res
