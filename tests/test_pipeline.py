@@ -548,3 +548,10 @@ def test_random_ce_uses_its_own_teacher_labelled_images(zero_shot_run, teacher):
     assert 0 <= row["val_acc"] <= 100 and row["best_epoch"] in (0, 1)
     # far above the uniform-noise floor (measured 44.5% vs 9.9%, with half zs-ce's queries)
     assert row["test_acc"] >= _rows(report)["noise-ce"]["test_acc"] + 10.0
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.toml")))
+def test_every_shipped_config_loads(path):
+    """A typo in a shipped experiment file fails here, not an hour into a run."""
+    cfg = load_config(path)
+    assert cfg.name and cfg.student.methods
