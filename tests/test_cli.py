@@ -128,6 +128,55 @@ def test_robustness(rob, teacher, data_dir):
     assert not path.with_name(path.name + ".parts").exists()  # chunks cleaned up
 
 
+@pytest.fixture
+def label_server(teacher):
+    """``teacher`` behind a label server on a free localhost port (as ``zsdb3kd serve`` runs it)."""
+    import threading
+
+    from zsdb3kd.oracle import TorchOracle
+    from zsdb3kd.serve import make_server
+    from zsdb3kd.weights import file_sha256
+
+    srv = make_server(TorchOracle.from_file(teacher[1]), model_sha256=file_sha256(teacher[1]))
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_teacher_url_gives_the_same_robustness_file_as_the_weights(rob, label_server, data_dir, tmp_path):
+    from zsdb3kd.robustness import RobustnessResult
+
+    path = tmp_path / "R-http.safetensors"
+    rc, out, err = _run(["robustness", "--teacher", label_server.url, *_data(data_dir), "--subset", "8",
+                         "--method", "mbd", "--budget", "300", "--checkpoints", "100,300", "--chunk-size", "4",
+                         "--out", path, "--no-progress"])
+    assert rc == 0, err
+    local, remote = RobustnessResult.load(rob[1]), RobustnessResult.load(path)
+    torch.testing.assert_close(remote.distances, local.distances, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(remote.queries, local.queries)
+    assert label_server.oracle.queries == remote.total_queries == local.total_queries
+    assert remote.provenance["teacher"] == label_server.url
+    assert remote.provenance["teacher_sha256"] == local.provenance["teacher_sha256"]
+
+
+def test_teacher_url_errors(label_server, data_dir, tmp_path, capsys):
+    url = label_server.url
+    assert main(["distill", "--teacher", url, "--method", "whitebox-kd", *_data(data_dir), "--subset", "10",
+                 "--out", str(tmp_path / "s.safetensors")]) == 2
+    assert "needs its weights file, not a URL" in capsys.readouterr().err
+    assert main(["evaluate", "http://127.0.0.1:1/", "--data", "npz", "--data-root", str(data_dir)]) == 2
+    assert "error: GET http://127.0.0.1:1/info failed" in capsys.readouterr().err
+
+
+def test_evaluate_through_a_url(label_server, teacher, data_dir, capsys):
+    assert main(["evaluate", label_server.url, "--data", "npz", "--data-root", str(data_dir)]) == 0
+    acc_url = _accuracy_printed(capsys.readouterr().out)
+    assert main(["evaluate", str(teacher[1]), "--data", "npz", "--data-root", str(data_dir)]) == 0
+    assert acc_url == _accuracy_printed(capsys.readouterr().out)
+    assert label_server.oracle.queries == N_TEST
+
+
 def test_soft_labels(rob, tmp_path, capsys):
     from zsdb3kd.robustness import RobustnessResult
     from zsdb3kd.softlabels import logits_from_distances, soft_targets

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 EXIT_USAGE = 2
+_TEACHER_HELP = "teacher weights (.safetensors/.pt), .onnx, or the http(s):// URL of a label server ('zsdb3kd serve')"
 
 
 def _ints(text: str) -> list[int]:
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("robustness", help="boundary distances (SD/BD/MBD) of samples to every other class")
     _add_data(p)
     _add_common(p)
-    p.add_argument("--teacher", required=True, help="teacher weights (.safetensors/.pt) or .onnx")
+    p.add_argument("--teacher", required=True, help=_TEACHER_HELP)
     p.add_argument("--arch", default=None, help="architecture of a plain .pt state_dict teacher")
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--pseudo", default=None,
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synthesize", help="zero-shot pseudo samples from noise (no real data)")
     _add_common(p)
-    p.add_argument("--teacher", required=True, help="teacher weights (.safetensors/.pt) or .onnx")
+    p.add_argument("--teacher", required=True, help=_TEACHER_HELP)
     p.add_argument("--arch", default=None)
     p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--iterations", type=int, default=10)
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train a student: ce, whitebox-kd, from soft labels, or on random images")
     _add_data(p)
     _add_common(p)
-    p.add_argument("--teacher", required=True)
+    p.add_argument("--teacher", required=True, help=_TEACHER_HELP)
     p.add_argument("--method", default="soft", choices=["ce", "whitebox-kd", "soft", "random"],
                    help="random (zero-shot): random images labelled by the teacher, one query each")
     p.add_argument("--robustness", default=None, help="robustness file (method soft)")
@@ -138,10 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=20.0)
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("evaluate", help="test accuracy of a weights file or ONNX model")
+    p = sub.add_parser("evaluate", help="test accuracy of a weights file, ONNX model or teacher URL")
     _add_data(p)
     p.add_argument("model")
     p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("serve", help="serve a teacher as a label-only HTTP black box (for --teacher http://...)")
+    p.add_argument("teacher", help="teacher weights (.safetensors/.pt) or .onnx")
+    p.add_argument("--arch", default=None, help="architecture of a plain .pt state_dict teacher")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    p.add_argument("--max-queries", type=int, default=None, help="quota: refuse requests once this many are answered")
+    p.add_argument("--max-batch", type=int, default=1024, help="largest number of images in one request")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log", action="store_true", help="log every request to stderr")
+    p.epilog = ("Set ZSDB3KD_SERVE_TOKEN to require 'Authorization: Bearer <token>' (clients: ZSDB3KD_HTTP_AUTH). "
+                "Only labels leave the server.")
 
     p = sub.add_parser("export-onnx", help="export weights to ONNX (to serve or test as a black box)")
     p.add_argument("weights")
@@ -163,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from .data import DataError
-    from .oracle import QueryBudgetExceeded
+    from .oracle import OracleError, QueryBudgetExceeded
     from .pipeline import ConfigError
     from .synthesis import SynthesisError
     from .weights import WeightsError
@@ -171,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except (ConfigError, DataError, WeightsError, QueryBudgetExceeded, SynthesisError, FileNotFoundError,
-            ValueError) as e:
+            ValueError, OracleError) as e:
         print(f"zsdb3kd {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -211,7 +225,6 @@ def _cmd_robustness(args) -> int:
     from .pipeline import choose_subset, load_splits
     from .robustness import CandidatePool, RobustnessSettings
     from .robustness.engine import PAPER_CHECKPOINTS, compute_to_file
-    from .weights import file_sha256
 
     oracle = load_oracle(args.teacher, device=args.device, budget=args.query_budget, arch=args.arch)
     if args.pseudo:  # zero-shot: no real data is loaded at all
@@ -232,7 +245,7 @@ def _cmd_robustness(args) -> int:
     pool = CandidatePool(pool_x.to(args.device), pool_y.to(args.device))
     out = Path(args.out)
     res = compute_to_file(out, oracle, x.to(args.device), settings, pool=pool, indices=idx, progress=_progress(args),
-                          provenance={"teacher": args.teacher, "teacher_sha256": file_sha256(args.teacher),
+                          provenance={"teacher": args.teacher, "teacher_sha256": _teacher_sha256(args.teacher, oracle),
                                       "data": src_name, "split": "pseudo" if args.pseudo else args.split})
     d = res.distances[:, :, -1]
     finite = d[torch.isfinite(d)]
@@ -263,7 +276,7 @@ def _cmd_distill(args) -> int:
     import torch
 
     from .distill import TrainConfig
-    from .oracle import load_oracle
+    from .oracle import is_url, load_oracle
     from .pipeline import choose_subset, distill_student, load_splits, teacher_logits_whitebox
     from .robustness import RobustnessResult
     from .softlabels import logits_from_distances
@@ -289,6 +302,8 @@ def _cmd_distill(args) -> int:
     if args.method == "ce":
         y = load_oracle(args.teacher, device=args.device)(sub.x.to(args.device)).cpu()
     elif args.method == "whitebox-kd":
+        if is_url(args.teacher):
+            raise ValueError("--method whitebox-kd reads the teacher's logits, so it needs its weights file, not a URL")
         tl = teacher_logits_whitebox(args.teacher, sub.x, args.device)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, temperature=args.temperature,
                       seed=args.seed)
@@ -403,6 +418,37 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .oracle import load_oracle
+    from .serve import make_server, serve_forever
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queries is not None and args.max_queries < 0:
+        raise ValueError(f"--max-queries must be >= 0, got {args.max_queries}")
+    oracle = load_oracle(args.teacher, device=args.device, budget=args.max_queries, arch=args.arch)
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.log else None
+    try:
+        server = make_server(oracle, args.host, args.port, max_batch=args.max_batch,
+                             model_sha256=_teacher_sha256(args.teacher, oracle),
+                             token=os.environ.get("ZSDB3KD_SERVE_TOKEN") or None, log=log)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    quota = "no quota" if args.max_queries is None else f"quota {args.max_queries:,} queries"
+    token = "token required" if os.environ.get("ZSDB3KD_SERVE_TOKEN") else "no token"
+    print(f"serving {args.teacher} (labels only, {quota}, {token}) at {server.url} ; Ctrl-C to stop", flush=True)
+    serve_forever(server)
+    return 0
+
+
+def _teacher_sha256(spec: str, oracle) -> str | None:
+    """The teacher file's sha256, or what a label server reports for its model (may be None)."""
+    from .oracle import is_url
+    from .weights import file_sha256
+
+    return getattr(oracle, "sha256", None) if is_url(spec) else file_sha256(spec)
+
+
 def _cmd_export_onnx(args) -> int:
     from .export import export_onnx
 
@@ -426,6 +472,7 @@ _COMMANDS = {
     "soft-labels": _cmd_soft_labels,
     "distill": _cmd_distill,
     "evaluate": _cmd_evaluate,
+    "serve": _cmd_serve,
     "export-onnx": _cmd_export_onnx,
     "list-models": _cmd_list_models,
 }
