@@ -402,6 +402,38 @@ def test_student_result_does_not_depend_on_other_students(db3kd_run, data_dir, t
     assert _rows(rep)["mbd@100"]["test_acc"] == _rows(report)["mbd@100"]["test_acc"]
 
 
+def test_teacher_behind_a_url_gives_the_same_students(db3kd_run, data_dir, teacher, tmp_path):
+    import threading
+
+    from zsdb3kd.oracle import TorchOracle
+    from zsdb3kd.serve import make_server
+    from zsdb3kd.weights import file_sha256
+
+    _, _, report, _ = db3kd_run
+    srv = make_server(TorchOracle.from_file(teacher), model_sha256=file_sha256(teacher))
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        base = _db3kd_config(data_dir, teacher)
+        cfg = replace(base, teacher=TeacherConfig(path=srv.url),
+                      robustness=replace(base.robustness, methods=["sd"]),
+                      student=replace(base.student, methods=["ce", "sd"]))
+        with _quiet():
+            rep = run_experiment(cfg, tmp_path / "run", progress=False)
+        with pytest.raises(ConfigError, match="whitebox-kd .* not a URL"):
+            validate_config(replace(cfg, student=replace(cfg.student, methods=["whitebox-kd"])))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert rep["teacher"]["sha256"] == report["teacher"]["sha256"] == file_sha256(teacher)
+    assert rep["teacher"]["path"] == srv.url
+    assert rep["teacher"]["test_acc"] == report["teacher"]["test_acc"]
+    for m in ("ce", "sd"):
+        assert (_rows(rep)[m]["val_acc"], _rows(rep)[m]["test_acc"]) == \
+               (_rows(report)[m]["val_acc"], _rows(report)[m]["test_acc"])
+    # the test set (the teacher's accuracy), the images' labels for sd's robustness stage, and again for ce
+    assert srv.oracle.queries == N_TEST + SUBSET + SUBSET
+
+
 def test_query_budget_is_enforced(data_dir, teacher, tmp_path):
     cfg = replace(_db3kd_config(data_dir, teacher), query_budget=SUBSET - 1,
                   student=StudentConfig(methods=["ce"], epochs=1))

@@ -31,7 +31,7 @@ from .artifacts import environment
 from .data import ImageSet, dataset_fingerprint, load_dataset, train_val_split
 from .distill import TrainConfig, accuracy, predict, train
 from .models import create_model
-from .oracle import LabelOracle, load_oracle
+from .oracle import HttpOracle, LabelOracle, is_url, load_oracle
 from .robustness import CandidatePool, RobustnessResult, RobustnessSettings
 from .robustness.engine import PAPER_CHECKPOINTS, PRESETS, compute_to_file
 from .softlabels import logits_from_distances
@@ -58,7 +58,7 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     arch: str = "lenet5"
-    path: str | None = None  # an existing teacher (weights or .onnx) instead of training one
+    path: str | None = None  # an existing teacher (weights, .onnx or a label server URL) instead of training one
     epochs: int = 20
     lr: float = 1e-3
     batch_size: int = 256
@@ -198,6 +198,9 @@ def validate_config(cfg: RunConfig) -> None:
             raise ConfigError(f"robustness.methods: unknown method {m!r}; known: {sorted(PRESETS)}")
     for spec in cfg.student.methods:
         parse_student_method(spec, cfg)
+    if cfg.teacher.path and is_url(cfg.teacher.path) and "whitebox-kd" in cfg.student.methods:
+        raise ConfigError("student method whitebox-kd reads the teacher's logits: it needs teacher.path to be "
+                          "a weights file, not a URL")
     checks = [("[teacher]", lambda: TrainConfig(epochs=cfg.teacher.epochs, lr=cfg.teacher.lr,
                                                  batch_size=cfg.teacher.batch_size)),
               ("[student]", lambda: _student_config(cfg))]
@@ -388,11 +391,14 @@ def _prepare_run(cfg: RunConfig, run_dir, force: bool) -> Path:
     return run
 
 
-def _stage_teacher(cfg: RunConfig, run: Path, progress) -> tuple[Path, dict[str, Any]]:
-    """The teacher file: given (``teacher.path``) or trained here on the real training data.
+def _stage_teacher(cfg: RunConfig, run: Path, progress) -> tuple[Path | str, dict[str, Any]]:
+    """The teacher file: given (``teacher.path``, a file or the URL of a label server) or
+    trained here on the real training data.
 
     Training the teacher is the model owner's job; it is the only stage that may read the
     training data in a zero-shot run."""
+    if cfg.teacher.path and is_url(cfg.teacher.path):
+        return cfg.teacher.path, {"path": cfg.teacher.path}
     if cfg.teacher.path:
         path = Path(cfg.teacher.path)
         if not path.is_file():
@@ -506,7 +512,7 @@ def run_experiment(config: RunConfig | str | os.PathLike, run_dir: str | os.Path
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     teacher_path, teacher_metrics = _stage_teacher(cfg, run, progress)
-    teacher_sha = file_sha256(teacher_path)
+    teacher_sha = _teacher_sha256(teacher_path)
     if cfg.mode == "zero-shot":
         report, extras = _run_zero_shot(cfg, run, teacher_path, teacher_sha, teacher_metrics, progress)
     else:
@@ -517,10 +523,25 @@ def run_experiment(config: RunConfig | str | os.PathLike, run_dir: str | os.Path
     return report
 
 
+def _teacher_sha256(teacher: Path | str) -> str:
+    """What names the teacher in every artifact key: its file's sha256, or for a label
+    server the sha256 it reports for its model (else a hash of the URL, with a warning:
+    then a changed model behind the same URL would not be noticed)."""
+    if not is_url(teacher):
+        return file_sha256(teacher)
+    sha = HttpOracle(str(teacher)).sha256
+    if sha:
+        return sha
+    log(f"warning: {teacher} reports no model_sha256; artifacts are keyed by the URL alone")
+    return hashlib.sha256(f"url:{teacher}".encode()).hexdigest()
+
+
 def _teacher_test_acc(oracle: LabelOracle, test: ImageSet, metrics: dict[str, Any]) -> float:
     if "test_acc" in metrics:
         return float(metrics["test_acc"])
     # a given teacher: measured once with a separate, uncounted oracle so the run's budget is untouched
+    if isinstance(oracle, HttpOracle):
+        log(f"teacher: measuring its test accuracy costs {len(test):,} queries to {oracle.url} (outside query_budget)")
     return _oracle_accuracy(oracle, test)
 
 
