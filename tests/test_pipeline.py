@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import io
 import json
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -432,6 +433,59 @@ def test_teacher_behind_a_url_gives_the_same_students(db3kd_run, data_dir, teach
                (_rows(report)[m]["val_acc"], _rows(report)[m]["test_acc"])
     # the test set (the teacher's accuracy), the images' labels for sd's robustness stage, and again for ce
     assert srv.oracle.queries == N_TEST + SUBSET + SUBSET
+
+
+def _plan(cfg):
+    from zsdb3kd.pipeline import plan_experiment
+
+    return {r["stage"]: r for r in plan_experiment(cfg)[1]}
+
+
+def test_plan_bounds_what_the_db3kd_run_spent(db3kd_run, data_dir, teacher):
+    _, _, report, _ = db3kd_run
+    plan = _plan(_db3kd_config(data_dir, teacher))
+    assert plan["teacher accuracy"]["queries"] == N_TEST and not plan["teacher accuracy"]["in_budget"]
+    assert plan["robustness[sd]"]["queries"] == SUBSET == report["robustness"]["sd"]["total_queries"]
+    assert plan["robustness[mbd]"]["queries"] == SUBSET + SUBSET * (K - 1) * 200
+    assert report["robustness"]["mbd"]["total_queries"] <= plan["robustness[mbd]"]["queries"]
+    assert plan["student[ce]"]["queries"] == _rows(report)["ce"]["total_queries"] == SUBSET
+    assert "student[whitebox-kd]" not in plan  # logits, no label queries
+
+
+def test_plan_bounds_what_the_zero_shot_run_spent(zero_shot_run, data_dir, teacher):
+    _, report, _, _ = zero_shot_run
+    plan = _plan(_zero_shot_config(data_dir, teacher))
+    assert report["synthesis"]["total_queries"] <= plan["synthesis"]["queries"]
+    ss = SynthesisConfig(per_class=30, iterations=2, search_budget=12)
+    # the push rounds alone: 3x the budget in round 0, then 1x, then the final measurement, plus halvings
+    push = 30 * K * (12 * 3 + 12 + 12 + 2 * 5)
+    assert plan["synthesis"]["queries"] == ss.noise_budget + push
+    assert report["synthesis"]["queries_push"] <= push
+    n = report["data"]["subset"]
+    assert plan["robustness[hsja]"]["queries"] == n + n * (K - 1) * ZS_BUDGET
+    assert report["robustness"]["hsja"]["total_queries"] <= plan["robustness[hsja]"]["queries"]
+    assert _rows(report)["noise-ce"]["total_queries"] <= plan["student[noise-ce]"]["queries"]
+    assert plan["student[random-ce]"]["queries"] == _rows(report)["random-ce"]["total_queries"] == RANDOM_N
+
+
+def test_run_plan_prints_and_touches_nothing(data_dir, teacher, tmp_path, capsys):
+    cfg_path = _write(tmp_path, _db3kd_toml(data_dir, teacher).replace('name = "db3kd-e2e"',
+                                                                        'name = "db3kd-e2e"\nquery_budget = 1000'))
+    assert main(["run", str(cfg_path), "--run-dir", str(tmp_path / "run"), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+    assert re.search(r"robustness\[mbd\] +180,100 ", out), out
+    assert re.search(r"total +180,300 +counted against query_budget \(query_budget is 1,000\)", out), out
+
+
+def test_run_warns_when_the_worst_case_passes_the_budget(data_dir, teacher, tmp_path, capsys):
+    cfg = replace(_db3kd_config(data_dir, teacher), query_budget=SUBSET,
+                  student=StudentConfig(methods=["sd", "ce"], epochs=1))
+    with pytest.raises(QueryBudgetExceeded):  # sd's labels use the budget up; ce's labels do not fit
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert f"warning: a fresh run may need {2 * SUBSET} queries, more than query_budget ({SUBSET})" in err
+    assert list((tmp_path / "run").glob("robustness-sd-*.safetensors"))  # the finished stage is kept
 
 
 def test_query_budget_is_enforced(data_dir, teacher, tmp_path):

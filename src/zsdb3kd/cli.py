@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment file, e.g. configs/fashion-mnist/db3kd/lenet5-half_from_lenet5.toml")
     p.add_argument("--run-dir", default=None, help="where artifacts go (default runs/<name>)")
     p.add_argument("--force", action="store_true", help="accept a run directory that holds another configuration")
+    p.add_argument("--plan", action="store_true",
+                   help="print the most teacher queries each stage can spend, then exit without running anything")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("train-teacher", help="train a registry model with cross-entropy")
@@ -198,7 +200,12 @@ def _progress(args) -> bool | None:
 
 
 def _cmd_run(args) -> int:
-    from .pipeline import run_experiment
+    from .pipeline import format_plan, plan_experiment, run_experiment
+
+    if args.plan:
+        cfg, rows = plan_experiment(args.config)
+        print(format_plan(cfg, rows))
+        return 0
 
     report = run_experiment(args.config, args.run_dir, progress=_progress(args), force=args.force)
     for r in report["students"]:

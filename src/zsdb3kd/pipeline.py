@@ -503,12 +503,96 @@ def _train_row(spec: str, run: Path, cfg: RunConfig, key_parts: list, make_input
     return metrics
 
 
+def plan_queries(cfg: RunConfig, num_classes: int, n_test: int) -> list[dict[str, Any]]:
+    """The most teacher queries each stage of a fresh run of ``cfg`` can spend.
+
+    Rows ``{"stage", "what", "queries", "in_budget"}``; ``in_budget`` is False for the
+    teacher's test accuracy, which is measured outside ``query_budget``. Budgets per pair
+    are caps, so a run spends at most this (our estimators usually spend all of it);
+    stages already finished in the run directory spend nothing.
+    """
+    K = num_classes
+    rows: list[dict[str, Any]] = []
+
+    def add(stage, what, queries, in_budget=True):
+        rows.append({"stage": stage, "what": what, "queries": int(queries), "in_budget": in_budget})
+
+    add("teacher", f"given: {cfg.teacher.path}" if cfg.teacher.path else
+        f"train {cfg.teacher.arch} on the real training data ({cfg.teacher.epochs} epochs)", 0)
+    add("teacher accuracy", f"{n_test:,} test images (measured outside query_budget)", n_test, in_budget=False)
+    needed = {parse_student_method(s, cfg)[0] for s in cfg.student.methods}
+    if cfg.mode == "zero-shot":
+        ss = _synthesis_settings(cfg)
+        n = ss.per_class * K
+        rounds = [ss.search_budget * (ss.first_budget_factor if i == 0 else 1) for i in range(ss.iterations)]
+        final = ss.search_budget * (1 if ss.iterations > 0 else ss.first_budget_factor)
+        push = n * (sum(rounds) + ss.iterations * (ss.max_halvings + 1) + final)
+        add("synthesis", f"noise until {ss.per_class} per class (at most {ss.noise_budget:,}), then {ss.iterations} "
+                         f"rounds of {n:,} searches", ss.noise_budget + push)
+        syn_total = rows[-1]["queries"]
+        n_samples = len(train_val_split(torch.arange(K).repeat_interleave(ss.per_class), cfg.student.val_fraction,
+                                        cfg.seed)[0])
+        where = "pseudo samples"
+    else:
+        n_samples, where, syn_total = cfg.data.subset, "training images", 0
+    robust: dict[str, int] = {}
+    for method in cfg.robustness.methods:
+        if method not in needed:
+            continue
+        per_pair = 0 if method == "sd" else cfg.robustness.budget
+        robust[method] = n_samples + n_samples * (K - 1) * per_pair
+        add(f"robustness[{method}]", f"{n_samples:,} {where} x {K - 1} targets x {per_pair:,} + their labels",
+            robust[method])
+    for spec in cfg.student.methods:
+        method, _ = parse_student_method(spec, cfg)
+        if method == "ce":
+            add(f"student[{spec}]", f"labels of {n_samples:,} {where}", n_samples)
+        elif method == "noise-ce":
+            st = cfg.student
+            most = max([syn_total, st.random_samples if "random-ce" in needed else 0,
+                        *(syn_total + q for q in robust.values())])
+            n = st.noise_samples or min(most, st.noise_cap)
+            add(f"student[{spec}]", f"labels of up to {n:,} uniform-noise images", n)
+        elif method == "random-ce":
+            add(f"student[{spec}]", f"labels of {cfg.student.random_samples:,} random images (kept for reruns)",
+                cfg.student.random_samples)
+    return rows
+
+
+def _classes_and_test_size(cfg: RunConfig) -> tuple[int, int]:
+    test = load_dataset(cfg.data.name, cfg.data.root, "test")
+    return len(test.classes), len(test)
+
+
+def plan_experiment(config: RunConfig | str | os.PathLike) -> tuple[RunConfig, list[dict[str, Any]]]:
+    """Validate a config and plan its queries (:func:`plan_queries`) without running anything."""
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    validate_config(cfg)
+    return cfg, plan_queries(cfg, *_classes_and_test_size(cfg))
+
+
+def format_plan(cfg: RunConfig, rows: list[dict[str, Any]]) -> str:
+    total = sum(r["queries"] for r in rows if r["in_budget"])
+    width = max(len(r["stage"]) for r in rows)
+    lines = [f"{r['stage']:<{width}}  {r['queries']:>14,}  {r['what']}" for r in rows]
+    budget = "no query_budget set" if cfg.query_budget is None else f"query_budget is {cfg.query_budget:,}"
+    lines.append(f"{'total':<{width}}  {total:>14,}  counted against query_budget ({budget}); worst case for a "
+                 "fresh run: finished stages in the run directory cost nothing")
+    return "\n".join(lines)
+
+
 def run_experiment(config: RunConfig | str | os.PathLike, run_dir: str | os.PathLike | None = None, *,
                    progress: bool | None = None, force: bool = False) -> dict[str, Any]:
     """Run (or resume) an experiment (``mode`` db3kd or zero-shot); writes and returns the report."""
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     validate_config(cfg)
     run = _prepare_run(cfg, run_dir, force)
+    plan = plan_queries(cfg, *_classes_and_test_size(cfg))
+    log("teacher queries per stage, at most:\n" + format_plan(cfg, plan))
+    worst = sum(r["queries"] for r in plan if r["in_budget"])
+    if cfg.query_budget is not None and worst > cfg.query_budget:
+        log(f"warning: a fresh run may need {worst:,} queries, more than query_budget ({cfg.query_budget:,}); it "
+            "stops with an error when the budget runs out (finished stages and chunks are kept)")
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     teacher_path, teacher_metrics = _stage_teacher(cfg, run, progress)
