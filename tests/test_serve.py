@@ -236,8 +236,9 @@ def test_robustness_over_http_equals_the_in_process_run(served):
     assert remote_oracle.queries == srv.oracle.queries == int(local.queries.sum()) + len(x)
 
 
-def test_serve_command_end_to_end(tmp_path):
-    """``zsdb3kd serve`` as a user starts it: prints its URL, enforces its quota, stops on Ctrl-C."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_command_end_to_end(tmp_path, stop):
+    """``zsdb3kd serve`` as a user starts it: prints its URL, enforces its quota, stops on Ctrl-C or kill."""
     path = tmp_path / "T.safetensors"
     from zsdb3kd.models import create_model
 
@@ -261,7 +262,7 @@ def test_serve_command_end_to_end(tmp_path):
 
         assert o.sha256 == file_sha256(path)
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "served 40 queries" in out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import signal
 import socket
 import sys
 import threading
@@ -156,12 +157,20 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve_forever(server: LabelServer, *, out=sys.stdout) -> int:
-    """Run until interrupted; return the number of queries answered."""
+    """Run until Ctrl-C or SIGTERM (``kill``: a server started with ``&`` in a script
+    ignores Ctrl-C); return the number of queries answered."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"served {server.oracle.queries:,} queries", file=out, flush=True)
     return server.oracle.queries
