@@ -213,6 +213,21 @@ def test_token_is_required_when_set_and_taken_from_the_environment(served, monke
     assert "s3cret" not in repr(o) and "s3cret" not in json.dumps(o.info)
 
 
+def test_command_line_settings_come_from_the_environment(served, monkeypatch):
+    srv, _ = served()
+    monkeypatch.setenv("ZSDB3KD_HTTP_CONCURRENCY", "5")
+    monkeypatch.setenv("ZSDB3KD_HTTP_RETRIES", "7")
+    monkeypatch.setenv("ZSDB3KD_HTTP_TIMEOUT", "2.5")
+    o = load_oracle(srv.url, budget=9)
+    assert (o.concurrency, o.max_retries, o.timeout, o.budget) == (5, 7, 2.5, 9)
+    monkeypatch.setenv("ZSDB3KD_HTTP_RETRIES", "many")
+    with pytest.raises(ValueError, match="ZSDB3KD_HTTP_RETRIES='many' is not a valid int"):
+        load_oracle(srv.url)
+    monkeypatch.setenv("ZSDB3KD_HTTP_RETRIES", "-1")
+    with pytest.raises(ValueError, match="retries >= 0"):
+        load_oracle(srv.url)
+
+
 def test_bad_urls(served):
     for url in ("ftp://host/x", "http://", "teacher.safetensors"):
         with pytest.raises(ValueError, match="URL"):

@@ -443,6 +443,23 @@ class HttpOracle(LabelOracle):
         self._drop_connection()
 
 
+_HTTP_ENV = {"ZSDB3KD_HTTP_CONCURRENCY": ("concurrency", int), "ZSDB3KD_HTTP_RETRIES": ("retries", int),
+             "ZSDB3KD_HTTP_TIMEOUT": ("timeout", float), "ZSDB3KD_HTTP_BACKOFF": ("backoff", float)}
+
+
+def http_settings_from_env() -> dict:
+    """:class:`HttpOracle` settings for the command line, from ``ZSDB3KD_HTTP_CONCURRENCY``,
+    ``_RETRIES``, ``_TIMEOUT`` (s) and ``_BACKOFF`` (s); a value that does not parse is an error."""
+    out = {}
+    for var, (name, kind) in _HTTP_ENV.items():
+        if os.environ.get(var, "").strip():
+            try:
+                out[name] = kind(os.environ[var])
+            except ValueError:
+                raise ValueError(f"{var}={os.environ[var]!r} is not a valid {kind.__name__}") from None
+    return out
+
+
 def is_url(spec: str | os.PathLike) -> bool:
     """Whether a teacher spec names an HTTP endpoint rather than a file."""
     return isinstance(spec, str) and spec.lower().startswith(("http://", "https://"))
@@ -453,7 +470,7 @@ def load_oracle(path: str | os.PathLike, *, device: str = "cpu", budget: int | N
     """Open a teacher as a label-only oracle: ``http(s)://`` via :class:`HttpOracle`, ``.onnx``
     via onnxruntime, anything else as weights."""
     if is_url(path):
-        return HttpOracle(str(path), budget=budget, max_batch=max_batch, device=device)
+        return HttpOracle(str(path), budget=budget, max_batch=max_batch, device=device, **http_settings_from_env())
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return OnnxOracle(path, budget=budget, max_batch=max_batch)
