@@ -228,7 +228,7 @@ def _cmd_robustness(args) -> int:
     import torch
 
     from .data import load_dataset
-    from .oracle import load_oracle
+    from .oracle import load_oracle, teacher_sha256
     from .pipeline import choose_subset, load_splits
     from .robustness import CandidatePool, RobustnessSettings
     from .robustness.engine import PAPER_CHECKPOINTS, compute_to_file
@@ -252,7 +252,7 @@ def _cmd_robustness(args) -> int:
     pool = CandidatePool(pool_x.to(args.device), pool_y.to(args.device))
     out = Path(args.out)
     res = compute_to_file(out, oracle, x.to(args.device), settings, pool=pool, indices=idx, progress=_progress(args),
-                          provenance={"teacher": args.teacher, "teacher_sha256": _teacher_sha256(args.teacher, oracle),
+                          provenance={"teacher": args.teacher, "teacher_sha256": teacher_sha256(args.teacher, oracle),
                                       "data": src_name, "split": "pseudo" if args.pseudo else args.split})
     d = res.distances[:, :, -1]
     finite = d[torch.isfinite(d)]
@@ -426,7 +426,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from .oracle import load_oracle
+    from .oracle import load_oracle, teacher_sha256
     from .serve import make_server, serve_forever
 
     if not 0 <= args.port <= 65535:
@@ -437,7 +437,7 @@ def _cmd_serve(args) -> int:
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.log else None
     try:
         server = make_server(oracle, args.host, args.port, max_batch=args.max_batch,
-                             model_sha256=_teacher_sha256(args.teacher, oracle),
+                             model_sha256=teacher_sha256(args.teacher, oracle),
                              token=os.environ.get("ZSDB3KD_SERVE_TOKEN") or None, log=log)
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
@@ -446,14 +446,6 @@ def _cmd_serve(args) -> int:
     print(f"serving {args.teacher} (labels only, {quota}, {token}) at {server.url} ; Ctrl-C to stop", flush=True)
     serve_forever(server)
     return 0
-
-
-def _teacher_sha256(spec: str, oracle) -> str | None:
-    """The teacher file's sha256, or what a label server reports for its model (may be None)."""
-    from .oracle import is_url
-    from .weights import file_sha256
-
-    return getattr(oracle, "sha256", None) if is_url(spec) else file_sha256(spec)
 
 
 def _cmd_export_onnx(args) -> int:

@@ -460,6 +460,19 @@ def http_settings_from_env() -> dict:
     return out
 
 
+def teacher_sha256(spec: str | os.PathLike, oracle: LabelOracle | None = None) -> str | None:
+    """What names a teacher: its file's sha256, or the ``model_sha256`` a label server
+    reports (``None`` if it reports none). ``oracle``: an open :class:`HttpOracle` on
+    ``spec``, to avoid asking the server again."""
+    if is_url(spec):
+        if oracle is None:
+            oracle = HttpOracle(str(spec), **http_settings_from_env())
+        return getattr(oracle, "sha256", None)
+    from .weights import file_sha256
+
+    return file_sha256(spec)
+
+
 def is_url(spec: str | os.PathLike) -> bool:
     """Whether a teacher spec names an HTTP endpoint rather than a file."""
     return isinstance(spec, str) and spec.lower().startswith(("http://", "https://"))

@@ -31,11 +31,11 @@ from .artifacts import environment
 from .data import ImageSet, dataset_fingerprint, load_dataset, train_val_split
 from .distill import TrainConfig, accuracy, predict, train
 from .models import create_model
-from .oracle import HttpOracle, LabelOracle, is_url, load_oracle
+from .oracle import HttpOracle, LabelOracle, is_url, load_oracle, teacher_sha256
 from .robustness import CandidatePool, RobustnessResult, RobustnessSettings
 from .robustness.engine import PAPER_CHECKPOINTS, PRESETS, compute_to_file
 from .softlabels import logits_from_distances
-from .weights import file_sha256, load_weights, save_weights
+from .weights import load_weights, save_weights
 
 
 # ---------------------------------------------------------------------------------------
@@ -611,9 +611,7 @@ def _teacher_sha256(teacher: Path | str) -> str:
     """What names the teacher in every artifact key: its file's sha256, or for a label
     server the sha256 it reports for its model (else a hash of the URL, with a warning:
     then a changed model behind the same URL would not be noticed)."""
-    if not is_url(teacher):
-        return file_sha256(teacher)
-    sha = HttpOracle(str(teacher)).sha256
+    sha = teacher_sha256(teacher)
     if sha:
         return sha
     log(f"warning: {teacher} reports no model_sha256; artifacts are keyed by the URL alone")
