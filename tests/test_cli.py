@@ -466,3 +466,38 @@ def test_robustness_help_names_every_estimator_preset(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert [k for k in PRESETS if k not in out] == []
+
+
+def test_sigterm_during_training_saves_and_the_rerun_resumes(data_dir, tmp_path, monkeypatch):
+    # `kill` (SIGTERM) interrupts like Ctrl-C: the finished epochs are kept, the same command
+    # resumes, and the teacher equals one trained without interruption
+    from zsdb3kd import distill
+    from zsdb3kd.weights import load_weights
+
+    def argv(out):
+        return ["train-teacher", *_data(data_dir), "--arch", "lenet5-fifth", "--epochs", "4", "--lr", "1e-2",
+                "--augment", "flip-crop", "--out", out, "--no-progress"]
+
+    out = tmp_path / "T.safetensors"
+    real, calls = distill.accuracy, {"n": 0}
+
+    def term_in_third_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(distill, "accuracy", term_in_third_epoch)
+        rc, _, err = _run(argv(out))
+    assert rc == 130 and "rerun the same command to resume" in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    ckpt = out.with_name(out.name + ".train.pt")
+    assert not out.exists() and torch.load(ckpt, weights_only=True)["state"]["epoch"] == 2
+    rc, _, err = _run(argv(out))
+    assert rc == 0, err
+    assert not ckpt.exists()
+    ref = tmp_path / "ref.safetensors"
+    assert _run(argv(ref))[0] == 0
+    a, b = load_weights(out)[0].state_dict(), load_weights(ref)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from zsdb3kd.distill import TrainConfig, accuracy, kd_loss, predict, train
+from zsdb3kd import distill
+from zsdb3kd.distill import TrainConfig, accuracy, augment_batch, kd_loss, predict, train
 
 SHAPE = (1, 4, 4)
 
@@ -99,7 +100,7 @@ def test_kd_loss_gradient_flows_to_student_only():
 
 
 @pytest.mark.parametrize("kw", [dict(epochs=0), dict(batch_size=0), dict(lr=0.0), dict(lr=-1.0),
-                                dict(temperature=0.0), dict(kl_reduction="mean")])
+                                dict(temperature=0.0), dict(kl_reduction="mean"), dict(augment="rotate")])
 def test_train_config_validation(kw):
     with pytest.raises(ValueError):
         TrainConfig(**kw)
@@ -266,3 +267,137 @@ def test_predict_and_accuracy():
     assert accuracy(model, x, (y + 1) % 3) == 0.0
     with pytest.raises(ValueError):
         accuracy(model, x[:0], y[:0])
+
+
+# ---------------------------------------------------------------------------------------
+# augmentation
+# ---------------------------------------------------------------------------------------
+
+
+def test_flip_crop_is_a_shift_of_the_padded_image():
+    x = torch.rand(64, 3, 6, 5, generator=torch.Generator().manual_seed(0)) + 0.5  # no zeros inside
+    out = augment_batch(x, "flip-crop", torch.Generator().manual_seed(1), pad=2)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    padded_flipped = torch.nn.functional.pad(x.flip(-1), (2, 2, 2, 2))
+    seen_shifts, flips = set(), 0
+    for i in range(len(x)):  # a test may loop: find each output among all 25 shifts x 2 flips
+        found = [(f, dy, dx) for f, src in ((0, padded), (1, padded_flipped)) for dy in range(5) for dx in range(5)
+                 if torch.equal(out[i], src[i, :, dy:dy + 6, dx:dx + 5])]
+        assert len(found) >= 1, i
+        f, dy, dx = found[0]
+        flips += f
+        seen_shifts.add((dy, dx))
+    assert 16 <= flips <= 48  # about half are mirrored
+    assert len(seen_shifts) >= 15  # shifts are drawn per image, not per batch
+    # deterministic under the generator; "none" is the identity and draws nothing
+    again = augment_batch(x, "flip-crop", torch.Generator().manual_seed(1), pad=2)
+    assert torch.equal(out, again)
+    g = torch.Generator().manual_seed(3)
+    before = g.get_state()
+    assert augment_batch(x, "none", g) is x and torch.equal(g.get_state(), before)
+    with pytest.raises(ValueError, match="augment"):
+        augment_batch(x, "rotate", g)
+
+
+def test_augment_changes_training_and_stays_deterministic(problem):
+    x, y, xv, yv = problem
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=1e-2, seed=0, augment="flip-crop")
+    a = train(_mlp(), x, y, xv, yv, cfg, progress=False)
+    b = train(_mlp(), x, y, xv, yv, cfg, progress=False)
+    plain = train(_mlp(), x, y, xv, yv, TrainConfig(epochs=2, batch_size=64, lr=1e-2, seed=0), progress=False)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert any(not torch.equal(a.state_dict[k], plain.state_dict[k]) for k in a.state_dict)
+
+
+def test_config_key_leaves_out_neutral_new_settings():
+    # artifacts written before `augment` existed keep their names
+    plain = TrainConfig(epochs=3)
+    assert "augment" not in plain.key() and plain.key() == {k: v for k, v in plain.__dict__.items() if k != "augment"}
+    assert TrainConfig(epochs=3, augment="flip-crop").key()["augment"] == "flip-crop"
+
+
+# ---------------------------------------------------------------------------------------
+# interrupted training resumes exactly
+# ---------------------------------------------------------------------------------------
+
+
+def _interrupt_after(monkeypatch, epochs_done: int) -> None:
+    """Make the epoch after ``epochs_done`` raise KeyboardInterrupt (as Ctrl-C would)."""
+    real = distill.accuracy
+    calls = {"n": 0}
+
+    def fake(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > epochs_done:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill, "accuracy", fake)
+
+
+@pytest.mark.parametrize("augment", ["none", "flip-crop"])
+def test_interrupted_training_resumes_to_the_same_result(problem, tmp_path, monkeypatch, augment):
+    x, y, xv, yv = problem
+    cfg = TrainConfig(epochs=5, batch_size=32, lr=1e-2, seed=3, augment=augment)
+    tl = torch.randn(len(x), 2, generator=torch.Generator().manual_seed(2))
+    whole = train(_mlp(dropout=0.3), x, y, xv, yv, cfg, teacher_logits=tl, progress=False)
+    ck = tmp_path / "student.train.pt"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(_mlp(dropout=0.3), x, y, xv, yv, cfg, teacher_logits=tl, progress=False, checkpoint=ck,
+                  checkpoint_every=1e9)  # only the interruption writes it
+    assert ck.exists()
+    torch.manual_seed(12345)  # the global generator (dropout) must come from the checkpoint, not from here
+    resumed = train(_mlp(seed=7, dropout=0.3), x, y, xv, yv, cfg, teacher_logits=tl, progress=False, checkpoint=ck)
+    assert not ck.exists()  # removed once training ends
+    assert [h["epoch"] for h in resumed.history] == list(range(5))
+    assert resumed.history == whole.history and resumed.best_epoch == whole.best_epoch
+    for k in whole.state_dict:
+        assert torch.equal(resumed.state_dict[k], whole.state_dict[k]), k
+
+
+def test_interrupted_twice_and_periodic_saves(problem, tmp_path, monkeypatch):
+    x, y, xv, yv = problem
+    cfg = TrainConfig(epochs=6, batch_size=32, lr=1e-2, seed=1)
+    whole = train(_mlp(), x, y, xv, yv, cfg, progress=False)
+    ck = tmp_path / "t.train.pt"
+    for done in (2, 1):  # 2 epochs, then 1 more; each run saves every epoch (checkpoint_every=0)
+        with monkeypatch.context() as m:
+            _interrupt_after(m, done)
+            with pytest.raises(KeyboardInterrupt):
+                train(_mlp(), x, y, xv, yv, cfg, progress=False, checkpoint=ck, checkpoint_every=0)
+        assert torch.load(ck, weights_only=True)["state"]["epoch"] == (2 if done == 2 else 3)
+    resumed = train(_mlp(), x, y, xv, yv, cfg, progress=False, checkpoint=ck)
+    assert resumed.history == whole.history
+    assert all(torch.equal(resumed.state_dict[k], whole.state_dict[k]) for k in whole.state_dict)
+
+
+def test_checkpoint_of_another_run_or_a_foreign_file_is_refused(problem, tmp_path, monkeypatch):
+    x, y, xv, yv = problem
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=1e-2)
+    ck = tmp_path / "t.train.pt"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            train(_mlp(), x, y, xv, yv, cfg, progress=False, checkpoint=ck)
+    with pytest.raises(ValueError, match="other settings.*delete it"):
+        train(_mlp(), x, y, xv, yv, TrainConfig(epochs=3, batch_size=32, lr=2e-2), progress=False, checkpoint=ck)
+    with pytest.raises(ValueError, match="other settings"):  # same size, other data
+        train(_mlp(), x.flip(0), y.flip(0), xv, yv, cfg, progress=False, checkpoint=ck)
+    assert ck.exists()  # a refused checkpoint is left alone
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": "zsdb3kd-train-checkpoint/1", "state": Evil()}, ck)
+    with pytest.raises(ValueError, match="cannot read the training checkpoint"):
+        train(_mlp(), x, y, xv, yv, cfg, progress=False, checkpoint=ck)
+    torch.save({"model": {}}, ck)
+    with pytest.raises(ValueError, match="not a zsdb3kd training checkpoint"):
+        train(_mlp(), x, y, xv, yv, cfg, progress=False, checkpoint=ck)
+    ck.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read"):
+        train(_mlp(), x, y, xv, yv, cfg, progress=False, checkpoint=ck)

@@ -371,6 +371,64 @@ def test_db3kd_other_config_needs_force(db3kd_run, data_dir, teacher, tmp_path, 
     assert json.loads((run / "config.resolved.json").read_text())["student"]["methods"] == ["ce", "mbd@100"]
 
 
+def test_run_directory_from_before_a_new_setting_is_still_accepted(db3kd_run, data_dir, teacher, tmp_path):
+    # a directory written before `augment` existed has no such key in its stored config: the
+    # default value counts as the same configuration, another value does not
+    _, run0, report, _ = db3kd_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    stamp = run / "config.resolved.json"
+    old = json.loads(stamp.read_text())
+    del old["teacher"]["augment"], old["student"]["augment"]
+    stamp.write_text(json.dumps(old))
+    before = _artifacts(run)
+    with _quiet():
+        again = run_experiment(_db3kd_config(data_dir, teacher), run, progress=False)
+    assert _numbers(again) == _numbers(report) and _artifacts(run) == before  # same artifact names: all reused
+    stamp.write_text(json.dumps(old))
+    cfg = _db3kd_config(data_dir, teacher)
+    other = replace(cfg, student=replace(cfg.student, augment="flip-crop"))
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_experiment(other, run, progress=False)
+    old["teacher"]["unknown_setting"] = 1  # a key this version does not know is a different configuration
+    stamp.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_experiment(cfg, run, progress=False)
+
+
+def test_interrupted_student_training_resumes_to_the_same_report(db3kd_run, data_dir, teacher, tmp_path,
+                                                                monkeypatch):
+    from zsdb3kd import distill
+
+    _, run0, report, _ = db3kd_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    for f in run.glob("student-mbd-200-*"):  # this student is trained again, and interrupted
+        f.unlink()
+    real, calls = distill.accuracy, {"n": 0}
+
+    def interrupt_third_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    cfg = _db3kd_config(data_dir, teacher)
+    with monkeypatch.context() as m:
+        m.setattr(distill, "accuracy", interrupt_third_epoch)
+        with _quiet(), pytest.raises(KeyboardInterrupt):
+            run_experiment(cfg, run, progress=False)
+    partial = list(run.glob("student-mbd-200-*.train.pt"))
+    assert len(partial) == 1 and torch.load(partial[0], weights_only=True)["state"]["epoch"] == 2
+    with _quiet():
+        resumed = run_experiment(cfg, run, progress=False)
+    a, b = _numbers(resumed), _numbers(report)
+    for r in a["students"] + b["students"]:
+        r.pop("train_time_s")  # wall time; everything else must be equal
+    assert a == b
+    assert not list(run.glob("*.train.pt"))
+
+
 def test_student_budget_between_checkpoints(db3kd_run, data_dir, teacher, tmp_path):
     _, run0, report, _ = db3kd_run
     run = tmp_path / "run"

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--augment", default="none", choices=["none", "flip-crop"],
+                   help="flip-crop: random mirror and 4-pixel shift of each training image (for CIFAR-10)")
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
 
     p = sub.add_parser("robustness", help="boundary distances (SD/BD/MBD) of samples to every other class")
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--temperature", type=float, default=20.0)
+    p.add_argument("--augment", default="none", choices=["none", "flip-crop"],
+                   help="flip-crop: random mirror and 4-pixel shift; an image's soft label goes with its copies")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("evaluate", help="test accuracy of a weights file, ONNX model or teacher URL")
@@ -184,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .synthesis import SynthesisError
     from .weights import WeightsError
 
+    restore = _sigterm_interrupts() if args.command != "serve" else None  # serve stops on SIGTERM its own way
     try:
         return _COMMANDS[args.command](args)
     except (ConfigError, DataError, WeightsError, QueryBudgetExceeded, SynthesisError, FileNotFoundError,
@@ -193,6 +198,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"zsdb3kd {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _sigterm_interrupts():
+    """Make SIGTERM (``kill``, a job scheduler's stop) interrupt like Ctrl-C, so long jobs
+    save their finished work before exiting. Returns a function that undoes it (or None
+    outside the main thread, where signals cannot be handled)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _progress(args) -> bool | None:
@@ -218,7 +243,8 @@ def _cmd_train_teacher(args) -> int:
     from .pipeline import load_splits, train_teacher
 
     splits = load_splits(args.data, args.data_root, args.val_size, args.seed)
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, augment=args.augment,
+                      seed=args.seed)
     m = train_teacher(splits, args.arch, args.out, cfg, device=args.device, progress=_progress(args))
     print(f"{args.arch}: val {m['val_acc']:.2f}%  test {m['test_acc']:.2f}%  -> {args.out}")
     return 0
@@ -313,7 +339,7 @@ def _cmd_distill(args) -> int:
             raise ValueError("--method whitebox-kd reads the teacher's logits, so it needs its weights file, not a URL")
         tl = teacher_logits_whitebox(args.teacher, sub.x, args.device)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, temperature=args.temperature,
-                      seed=args.seed)
+                      augment=args.augment, seed=args.seed)
     m = distill_student(args.student, sub.x, y, (splits.val.x, splits.val.y), (splits.test.x, splits.test.y), cfg,
                         args.out, teacher_logits=tl, num_classes=len(splits.train.classes), device=args.device,
                         desc=f"student[{args.method}]", progress=_progress(args), extra={"method": args.method})
@@ -342,7 +368,7 @@ def _distill_random(args) -> int:
                                work_dir=labels_dir, progress=_progress(args))
     n = args.random_samples - args.random_val
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, temperature=args.temperature,
-                      seed=args.seed)
+                      augment=args.augment, seed=args.seed)
     m = distill_student(args.student, x[:n], y[:n], (x[n:], y[n:]), (test.x, test.y), cfg, args.out,
                         num_classes=len(test.classes), device=args.device, desc="student[random]",
                         progress=_progress(args),
@@ -382,7 +408,7 @@ def _distill_zero_shot(args) -> int:
         tr = tr[have[tr]]
     tl = logits[tr] if args.method == "soft" else None
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, temperature=args.temperature,
-                      seed=args.seed)
+                      augment=args.augment, seed=args.seed)
     m = distill_student(args.student, ps.x[tr], ps.y[tr], (ps.x[va], ps.y[va]), (test.x, test.y), cfg, args.out,
                         teacher_logits=tl, num_classes=len(test.classes), device=args.device,
                         desc=f"student[zero-shot {args.method}]", progress=_progress(args),

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from .progress import QueryProgress
+
+
+AUGMENTATIONS: tuple[str, ...] = ("none", "flip-crop")
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """A randomly augmented copy of the batch ``x`` ``(B, C, H, W)``, drawn from ``generator``.
+
+    ``"flip-crop"``: each image is mirrored left-right with probability 1/2 and shifted by up
+    to ``pad`` pixels in each direction, the uncovered border filled with zeros (the usual
+    CIFAR recipe: zero padding, then a random crop of the original size). Vectorised: one
+    gather for the whole batch."""
+    if kind == "none":
+        return x
+    if kind != "flip-crop":
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
+    B, _, H, W = x.shape
+    flip = torch.rand(B, generator=generator) < 0.5
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    dev = x.device
+    x = torch.where(flip.to(dev)[:, None, None, None], x.flip(-1), x)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(H)).to(dev)  # (B, H)
+    cols = (dx[:, None] + torch.arange(W)).to(dev)  # (B, W)
+    b = torch.arange(B, device=dev)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass(frozen=True)
@@ -39,6 +68,7 @@ class TrainConfig:
     kl_reduction: str = "sum"  # "sum" over the batch as released, or "batchmean"
     seed: int = 0
     eval_batch: int = 2048
+    augment: str = "none"  # or "flip-crop": random horizontal flip and 4-pixel shift per image (CIFAR)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -47,6 +77,17 @@ class TrainConfig:
             raise ValueError(f"lr and temperature must be > 0, got {self.lr}, {self.temperature}")
         if self.kl_reduction not in ("sum", "batchmean"):
             raise ValueError(f"kl_reduction must be 'sum' or 'batchmean', got {self.kl_reduction!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+
+    def key(self) -> dict[str, Any]:
+        """The settings that change the trained weights, for artifact keys. Settings added
+        after the first release are left out at their neutral value, so existing artifacts
+        keep their names."""
+        d = asdict(self)
+        if d["augment"] == "none":
+            del d["augment"]
+        return d
 
 
 @dataclass
@@ -117,6 +158,8 @@ def train(
     device: str | torch.device = "cpu",
     desc: str = "train",
     progress: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> TrainResult:
     """Train ``model`` on ``(x, y)`` (optionally distilling ``teacher_logits``), keeping the
     state with the best accuracy on ``(x_val, y_val)``.
@@ -124,6 +167,12 @@ def train(
     Shapes: ``x`` ``(N, C, H, W)`` in [0, 1] (or uint8 in [0, 255], converted per batch, so
     large transfer sets take a quarter of the memory), ``y`` ``(N,)``, ``teacher_logits`` ``(N, K)``.
     Deterministic under ``config.seed`` on the CPU.
+
+    ``checkpoint``: a file where the state after the last finished epoch is kept (model,
+    optimiser, best state so far, random generators), written at most every
+    ``checkpoint_every`` seconds and always when the run is interrupted. If the file exists,
+    training resumes from it and ends exactly as an uninterrupted run would; it is removed
+    once training finishes.
     """
     N = x.shape[0]
     if y.shape != (N,):
@@ -140,33 +189,119 @@ def train(
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best_acc, best_epoch, best_state = -1.0, -1, None
-    history = []
+    history: list[dict[str, float]] = []
+    start, elapsed_before = 0, 0.0
+    probe = slice(0, min(N, 256))  # a cheap fingerprint of the data: same size is not same data
+    ckpt = _Checkpoint(checkpoint, {"config": config.key(), "samples": N, "shape": list(x.shape[1:]),
+                                    "data": [float(as_float(x[probe]).double().sum()), int(y.sum())],
+                                    "distilled": teacher_logits is not None,
+                                    "params": {k: list(v.shape) for k, v in model.state_dict().items()}})
+    if ckpt.path is not None and ckpt.path.exists():
+        st = ckpt.load()
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in st:
+            torch.cuda.set_rng_state(st["cuda_rng"], device)
+        best_acc, best_epoch, best_state = st["best_acc"], st["best_epoch"], st["best_state"]
+        history, start, elapsed_before = st["history"], st["epoch"], st["elapsed"]
     t0 = time.perf_counter()
+    last_save = t0
     steps = math.ceil(N / config.batch_size)
-    with QueryProgress(config.epochs, desc, unit="epoch", enabled=progress, log_every=15.0) as bar:
-        for epoch in range(config.epochs):
-            model.train()
-            perm = torch.randperm(N, generator=gen)
-            total = 0.0
-            for s in range(steps):
-                idx = perm[s * config.batch_size : (s + 1) * config.batch_size]
-                if idx.numel() < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-                    continue  # a BatchNorm batch of one cannot be trained on
-                xb, yb = as_float(x[idx].to(device)), y[idx].to(device)
-                tb = teacher_logits[idx].to(device) if teacher_logits is not None else None
-                loss = kd_loss(model(xb), yb, tb, config.temperature, config.kl_weight, config.kl_reduction)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * idx.numel()
-            val_acc = accuracy(model, x_val, y_val, config.eval_batch, device)
-            history.append({"epoch": epoch, "loss": total / N, "val_acc": val_acc})
-            if val_acc > best_acc:
-                best_acc, best_epoch = val_acc, epoch
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-            bar.advance(1)
+
+    def snapshot(epoch_done: int) -> dict[str, Any]:
+        # copies: training goes on changing the live tensors in place
+        st = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
+              "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "best_acc": best_acc,
+              "best_epoch": best_epoch, "best_state": best_state, "history": list(history), "epoch": epoch_done,
+              "elapsed": elapsed_before + time.perf_counter() - t0}
+        if device.type == "cuda":
+            st["cuda_rng"] = torch.cuda.get_rng_state(device)
+        return st
+
+    saved_state = snapshot(start) if ckpt.path is not None else None
+    with QueryProgress(config.epochs, desc, unit="epoch", enabled=progress, log_every=15.0, initial=start) as bar:
+        try:
+            for epoch in range(start, config.epochs):
+                loss = _train_epoch(model, opt, x, y, teacher_logits, config, gen, device, steps)
+                val_acc = accuracy(model, x_val, y_val, config.eval_batch, device)
+                history.append({"epoch": epoch, "loss": loss, "val_acc": val_acc})
+                if val_acc > best_acc:
+                    best_acc, best_epoch = val_acc, epoch
+                    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+                bar.advance(1)
+                if ckpt.path is not None and epoch + 1 < config.epochs:
+                    saved_state = snapshot(epoch + 1)
+                    if time.perf_counter() - last_save >= checkpoint_every:
+                        ckpt.save(saved_state)
+                        last_save = time.perf_counter()
+        except BaseException:
+            if saved_state is not None and saved_state["epoch"] > start:
+                ckpt.save(saved_state)  # the last finished epoch; the one in progress is lost
+            raise
     model.load_state_dict(best_state)
-    return TrainResult(best_state, best_epoch, best_acc, history, time.perf_counter() - t0)
+    ckpt.remove()
+    return TrainResult(best_state, best_epoch, best_acc, history, elapsed_before + time.perf_counter() - t0)
+
+
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 teacher_logits: torch.Tensor | None, config: TrainConfig, gen: torch.Generator,
+                 device: torch.device, steps: int) -> float:
+    """One pass over ``(x, y)`` in an order drawn from ``gen``; the mean loss."""
+    model.train()
+    N = x.shape[0]
+    perm = torch.randperm(N, generator=gen)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    total = 0.0
+    for s in range(steps):
+        idx = perm[s * config.batch_size : (s + 1) * config.batch_size]
+        if idx.numel() < 2 and has_bn:
+            continue  # a BatchNorm batch of one cannot be trained on
+        xb, yb = augment_batch(as_float(x[idx].to(device)), config.augment, gen), y[idx].to(device)
+        tb = teacher_logits[idx].to(device) if teacher_logits is not None else None
+        loss = kd_loss(model(xb), yb, tb, config.temperature, config.kl_weight, config.kl_reduction)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * idx.numel()
+    return total / N
+
+
+class _Checkpoint:
+    """The training state file: written atomically, read with ``weights_only=True`` (tensors
+    and plain containers, never code), and refused if it was written for another run."""
+
+    def __init__(self, path: str | os.PathLike | None, identity: dict[str, Any]) -> None:
+        self.path = Path(path) if path is not None else None
+        self.identity = identity
+
+    def load(self) -> dict[str, Any]:
+        try:
+            st = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same actionable message
+            raise ValueError(f"cannot read the training checkpoint {self.path} ({type(e).__name__}: {e}); "
+                             "delete it to train from the start") from None
+        if not isinstance(st, dict) or st.get("format") != _CKPT_FORMAT:
+            raise ValueError(f"{self.path} is not a zsdb3kd training checkpoint; delete it to train from the start")
+        if st.get("identity") != self.identity:
+            raise ValueError(f"the training checkpoint {self.path} was written for other settings, data or model; "
+                             "delete it to train from the start")
+        return st["state"]
+
+    def save(self, state: dict[str, Any]) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"format": _CKPT_FORMAT, "identity": self.identity, "state": state}, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+_CKPT_FORMAT = "zsdb3kd-train-checkpoint/1"
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class TeacherConfig:
     epochs: int = 20
     lr: float = 1e-3
     batch_size: int = 256
+    augment: str = "none"  # or "flip-crop" (random mirror and 4-pixel shift; the usual CIFAR recipe)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class StudentConfig:
     temperature: float = 20.0
     kl_weight: float = 1.0
     kl_reduction: str = "sum"
+    augment: str = "none"  # or "flip-crop"; the soft label of an image is kept for its augmented copies
     val_fraction: float = 0.1  # zero-shot: share of pseudo samples held out for selection
     noise_samples: int | None = None  # zero-shot noise baseline size (default: the zero-shot query total)
     noise_cap: int = 100_000  # noise-ce trains for epochs * n_pseudo / n_noise epochs: the same number of steps
@@ -201,8 +203,7 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.teacher.path and is_url(cfg.teacher.path) and "whitebox-kd" in cfg.student.methods:
         raise ConfigError("student method whitebox-kd reads the teacher's logits: it needs teacher.path to be "
                           "a weights file, not a URL")
-    checks = [("[teacher]", lambda: TrainConfig(epochs=cfg.teacher.epochs, lr=cfg.teacher.lr,
-                                                 batch_size=cfg.teacher.batch_size)),
+    checks = [("[teacher]", lambda: _teacher_config(cfg)),
               ("[student]", lambda: _student_config(cfg))]
     for m in cfg.robustness.methods:
         checks.append((f"[robustness] ({m})", lambda m=m: _robustness_settings(cfg, m)))
@@ -308,13 +309,20 @@ def choose_subset(n_total: int, n: int, seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+def training_checkpoint(out: str | os.PathLike) -> Path:
+    """Where the training of the model to be saved at ``out`` keeps its state until it ends:
+    an interrupted run resumes from its last finished epoch."""
+    out = Path(out)
+    return out.with_name(out.name + ".train.pt")
+
+
 def train_teacher(splits: Splits, arch: str, out: str | os.PathLike, config: TrainConfig, *, device: str = "cpu",
                   progress: bool | None = None) -> dict[str, Any]:
     """Cross-entropy training of a registry model; selects on val, reports test accuracy once."""
     torch.manual_seed(config.seed)  # initial weights depend on the seed only, not on earlier stages
     model = create_model(arch, num_classes=len(splits.train.classes), input_shape=splits.train.shape)
     res = train(model, splits.train.x, splits.train.y, splits.val.x, splits.val.y, config, device=device,
-                desc=f"teacher[{arch}]", progress=progress)
+                desc=f"teacher[{arch}]", progress=progress, checkpoint=training_checkpoint(out))
     test_acc = accuracy(model, splits.test.x, splits.test.y, device=device)
     metrics = {"arch": arch, "val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
                "train_time_s": round(res.wall_time_s, 2), "train_config": asdict(config), "data": splits.train.name}
@@ -343,7 +351,7 @@ def distill_student(
     torch.manual_seed(config.seed)  # initial weights depend on the seed only, not on earlier students
     model = create_model(arch, num_classes=num_classes, input_shape=tuple(x.shape[1:]))
     res = train(model, x, y, val[0], val[1], config, teacher_logits=teacher_logits, device=device, desc=desc,
-                progress=progress)
+                progress=progress, checkpoint=training_checkpoint(out))
     test_acc = accuracy(model, test[0], test[1], device=device)
     save_weights(model, out, arch=arch, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
                  extra={"test_acc": f"{test_acc:.4f}", **(extra or {})})
@@ -375,6 +383,24 @@ def queries_at(result: RobustnessResult, budget: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def _same_config(old: Any, new: Any, defaults: Any) -> bool:
+    """Whether a run directory's stored configuration ``old`` is ``new``. A setting missing
+    from ``old`` counts as equal when ``new`` has its default value: directories written
+    before that setting existed stay usable."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return old == new
+    if set(old) - set(new):
+        return False
+    defaults = defaults if isinstance(defaults, dict) else {}
+    for k, v in new.items():
+        if k not in old:
+            if k not in defaults or v != defaults[k]:
+                return False
+        elif not _same_config(old[k], v, defaults.get(k)):
+            return False
+    return True
+
+
 def _prepare_run(cfg: RunConfig, run_dir, force: bool) -> Path:
     run = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
     run.mkdir(parents=True, exist_ok=True)
@@ -382,7 +408,8 @@ def _prepare_run(cfg: RunConfig, run_dir, force: bool) -> Path:
     stamp = run / "config.resolved.json"
     if stamp.exists() and not force:
         old = json.loads(stamp.read_text())
-        if old != resolved:
+        defaults = json.loads(json.dumps(asdict(RunConfig()), default=str))
+        if not _same_config(old, resolved, defaults):
             raise ConfigError(
                 f"{run} holds a run with a different configuration ({stamp}); choose another run directory "
                 "or pass --force to replace its report (finished stages are still reused by content)"
@@ -404,9 +431,9 @@ def _stage_teacher(cfg: RunConfig, run: Path, progress) -> tuple[Path | str, dic
         if not path.is_file():
             raise ConfigError(f"teacher.path {path} does not exist")
         return path, {"path": str(path)}
-    tcfg = TrainConfig(epochs=cfg.teacher.epochs, lr=cfg.teacher.lr, batch_size=cfg.teacher.batch_size, seed=cfg.seed)
+    tcfg = _teacher_config(cfg)
     splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.val_size, cfg.seed)
-    skey = _key("teacher", splits.fingerprint, cfg.teacher.arch, asdict(tcfg))
+    skey = _key("teacher", splits.fingerprint, cfg.teacher.arch, tcfg.key())
     path = run / f"teacher-{cfg.teacher.arch}-{skey}.safetensors"
     mpath = path.with_suffix(".json")
     if path.exists() and mpath.exists():
@@ -453,10 +480,15 @@ def _synthesis_settings(cfg: RunConfig):
                              noise_batch=sy.noise_batch, seed=cfg.seed)
 
 
+def _teacher_config(cfg: RunConfig) -> TrainConfig:
+    t = cfg.teacher
+    return TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, augment=t.augment, seed=cfg.seed)
+
+
 def _student_config(cfg: RunConfig) -> TrainConfig:
     return TrainConfig(epochs=cfg.student.epochs, lr=cfg.student.lr, batch_size=cfg.student.batch_size,
                        temperature=cfg.student.temperature, kl_weight=cfg.student.kl_weight,
-                       kl_reduction=cfg.student.kl_reduction, seed=cfg.seed)
+                       kl_reduction=cfg.student.kl_reduction, augment=cfg.student.augment, seed=cfg.seed)
 
 
 def _soft_row(method: str, budget: int, res: RobustnessResult, extra_queries: int = 0) -> tuple[dict, torch.Tensor]:
@@ -483,7 +515,7 @@ def _train_row(spec: str, run: Path, cfg: RunConfig, key_parts: list, make_input
         from dataclasses import replace
 
         scfg = replace(scfg, epochs=epochs)
-    skey = _key("student", spec, cfg.student.arch, asdict(scfg), *key_parts)
+    skey = _key("student", spec, cfg.student.arch, scfg.key(), *key_parts)
     out = run / f"student-{spec.replace('@', '-')}-{skey}.safetensors"
     mpath = out.with_suffix(".json")
     if mpath.exists() and out.exists():
