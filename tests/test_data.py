@@ -450,3 +450,16 @@ def test_real_mnist() -> None:
     if not SHARED_MNIST.exists():
         pytest.skip(f"{SHARED_MNIST} not present")
     _check_real(load_dataset("mnist", SHARED_MNIST, split="test"), "0")
+
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpg"
+
+
+def test_real_cifar10_image_folder() -> None:
+    if not SHARED_CIFAR.exists():
+        pytest.skip(f"{SHARED_CIFAR} not present")
+    ds = load_dataset("cifar10", SHARED_CIFAR, split="test")
+    assert ds.x.shape == (10000, 3, 32, 32) and ds.x.dtype == torch.float32
+    assert ds.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert torch.bincount(ds.y, minlength=10).tolist() == [1000] * 10
+    assert 0.3 < float(ds.x.mean()) < 0.7 and float(ds.x.max()) == 1.0
