@@ -386,6 +386,10 @@ def test_checkpoint_of_another_run_or_a_foreign_file_is_refused(problem, tmp_pat
         train(_mlp(), x, y, xv, yv, TrainConfig(epochs=3, batch_size=32, lr=2e-2), progress=False, checkpoint=ck)
     with pytest.raises(ValueError, match="other settings"):  # same size, other data
         train(_mlp(), x.flip(0), y.flip(0), xv, yv, cfg, progress=False, checkpoint=ck)
+    with pytest.raises(ValueError, match="other settings"):  # other soft labels (e.g. another robustness file)
+        train(_mlp(), x, y, xv, yv, cfg, teacher_logits=torch.zeros(len(x), 2), progress=False, checkpoint=ck)
+    with pytest.raises(ValueError, match="other settings"):  # another validation split
+        train(_mlp(), x, y, xv[1:], yv[1:], cfg, progress=False, checkpoint=ck)
     assert ck.exists()  # a refused checkpoint is left alone
 
     class Evil:

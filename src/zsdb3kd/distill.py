@@ -194,7 +194,8 @@ def train(
     probe = slice(0, min(N, 256))  # a cheap fingerprint of the data: same size is not same data
     ckpt = _Checkpoint(checkpoint, {"config": config.key(), "samples": N, "shape": list(x.shape[1:]),
                                     "data": [float(as_float(x[probe]).double().sum()), int(y.sum())],
-                                    "distilled": teacher_logits is not None,
+                                    "val": [int(x_val.shape[0]), int(y_val.sum())],
+                                    "teacher": None if teacher_logits is None else float(teacher_logits.double().sum()),
                                     "params": {k: list(v.shape) for k, v in model.state_dict().items()}})
     if ckpt.path is not None and ckpt.path.exists():
         st = ckpt.load()
