@@ -116,8 +116,9 @@ def _hsja_sub_circle(**kw: Any) -> Estimator:
     return _hsja_sub(update="circle", **kw)
 
 
-def _hybrid(switch: int = 1000, k: int = 100, alpha: float = 0.2, beta: float = 0.01, **kw: Any) -> Estimator:
-    return SignOPT(init=Capped(_hsja_sub_circle(**kw), switch), k=k, alpha=alpha, beta=beta)
+def _hybrid(switch: int = 1000, k: int = 100, alpha: float = 0.2, beta: float = 0.01, reuse: float = 0.0,
+            **kw: Any) -> Estimator:
+    return SignOPT(init=Capped(_hsja_sub_circle(**kw), switch), k=k, alpha=alpha, beta=beta, reuse=reuse)
 
 
 #: Named estimator presets: ``sd``/``bd``/``mbd`` are the paper's released settings;

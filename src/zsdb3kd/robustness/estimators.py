@@ -296,16 +296,22 @@ class SignOPT(Estimator):
         k: probes per gradient estimate.
         alpha, beta: initial step size and probe radius.
         ls_steps: cap on line-search candidates per phase.
+        reuse: weight of the previous iteration's probes: the step direction is this
+            iteration's sign sum plus ``reuse`` times the last one, so the ``k`` answers of an
+            iteration still count in the next. ``0`` (the paper) uses each probe once; a
+            problem whose ``beta`` shrinks starts afresh (its old probes had another radius).
     """
 
     name = "signopt"
 
     def __init__(self, init: Estimator | None = None, k: int = 200, alpha: float = 0.2, beta: float = 1e-3,
-                 ls_steps: int = 15) -> None:
+                 ls_steps: int = 15, reuse: float = 0.0) -> None:
         if k < 1 or alpha <= 0 or beta <= 0:
             raise ValueError(f"need k >= 1, alpha > 0, beta > 0; got k={k}, alpha={alpha}, beta={beta}")
+        if not 0 <= reuse <= 1:
+            raise ValueError(f"reuse must be in [0, 1], got {reuse}")
         self.init = init if init is not None else BoundaryDistance()
-        self.k, self.alpha, self.beta, self.ls_steps = k, alpha, beta, ls_steps
+        self.k, self.alpha, self.beta, self.ls_steps, self.reuse = k, alpha, beta, ls_steps, reuse
 
     def _run(self, tracker, pool, generator):
         tr = tracker
@@ -316,6 +322,7 @@ class SignOPT(Estimator):
         alpha = torch.full((P,), self.alpha, device=dev)
         beta = torch.full((P,), self.beta, device=dev)
         done = ~torch.isfinite(g)
+        prev = torch.zeros_like(theta) if self.reuse > 0 else None  # last sign sum, at the current beta
         max_iter = tr.budget // max(self.k, 1) + 2
         for _ in range(max_iter):
             act = ~done & (tr.remaining() >= self.k + 1)
@@ -324,6 +331,10 @@ class SignOPT(Estimator):
                 break
             ids = torch.nonzero(act).squeeze(1)
             grad = self._sign_grad(tr, ids, theta[ids], g[ids], beta[ids], generator)
+            if prev is not None:
+                fresh = grad
+                grad = grad + self.reuse * prev[ids]
+                prev[ids] = fresh
             new_theta, new_g, new_alpha = self._line_search(tr, ids, theta[ids], g[ids], grad, alpha[ids], beta[ids])
             stuck = new_g >= g[ids]
             theta[ids], g[ids] = new_theta, new_g
@@ -331,6 +342,8 @@ class SignOPT(Estimator):
             small = stuck & (new_alpha < 1e-4)
             alpha[ids[small]] = 1.0
             beta[ids[small]] *= 0.1
+            if prev is not None:
+                prev[ids[small]] = 0.0  # probes at the old radius: start afresh
             done[ids[small & (beta[ids] < 1e-8)]] = True
         return SearchResult(theta, g)
 
