@@ -278,6 +278,6 @@ def test_serve_command_end_to_end(tmp_path, stop):
         assert o.sha256 == file_sha256(path)
     finally:
         proc.send_signal(stop)
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "served 40 queries" in out
