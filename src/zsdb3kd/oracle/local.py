@@ -1,0 +1,36 @@
+"""A local PyTorch classifier exposed through labels only."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .base import LabelOracle
+
+
+class TorchOracle(LabelOracle):
+    """A local PyTorch classifier exposed through labels only.
+
+    The model is kept private and put in eval mode; only ``argmax`` of its logits leaves.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int, **kwargs) -> None:
+        super().__init__(input_shape, num_classes, **kwargs)
+        self.__model = model.to(self.device).eval()
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.__model(x.to(self.device, torch.float32)).argmax(dim=1)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, device: str = "cpu", arch: str | None = None, **kwargs) -> "TorchOracle":
+        """Load a teacher from a weights file (see :mod:`zsdb3kd.weights`)."""
+        from ..weights import load_weights
+
+        model, info = load_weights(path, device=device, arch=arch)
+        oracle = cls(model, info.input_shape, info.num_classes, device=device, **kwargs)
+        oracle.source = info
+        return oracle
+
+
