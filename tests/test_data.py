@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from zsdb3kd import data
+from zsdb3kd.data import formats as data
 from zsdb3kd.data import (
     DATASETS,
     DEFAULT_ROOTS,
@@ -333,7 +333,9 @@ def test_npz_variants(tmp_path: Path) -> None:
     u8 = rng.integers(0, 256, (6, 5, 4, 3), dtype=np.uint8)  # NHWC
     y = np.array([0, 1, 2, 0, 1, 2])
     np.savez(tmp_path / "hwc.npz", x=u8, y=y, classes=np.array(["r", "g", "b"]))
-    ds = load_dataset("npz", tmp_path / "hwc.npz")
+    with pytest.raises(DataError, match="--pixel-scale 255"):  # 8-bit values are not scaled unless asked
+        load_dataset("npz", tmp_path / "hwc.npz")
+    ds = load_dataset("npz", tmp_path / "hwc.npz", pixel_scale=255)
     assert ds.shape == (3, 5, 4) and ds.classes == ["r", "g", "b"] and ds.y.tolist() == y.tolist()
     assert np.array_equal((ds.x * 255).round().to(torch.uint8).numpy(), u8.transpose(0, 3, 1, 2))
 
@@ -350,7 +352,7 @@ def test_npz_variants(tmp_path: Path) -> None:
 @pytest.mark.parametrize("x, match", [
     (np.full((3, 4, 4), 1.5, np.float32), r"\[0, 1\]"),
     (np.full((3, 4, 4), np.nan, np.float32), r"\[0, 1\]"),
-    (np.zeros((3, 4, 4), np.int32), "dtype"),
+    (np.zeros((3, 4, 4), np.complex64), "dtype"),
     (np.zeros((3, 5, 4, 4), np.uint8), "shape"),
     (np.zeros((3, 4), np.uint8), "shape"),
 ])
@@ -358,6 +360,21 @@ def test_npz_bad_x(tmp_path: Path, x: np.ndarray, match: str) -> None:
     np.savez(tmp_path / "d.npz", x=x, y=np.zeros(len(x), np.int64))
     with pytest.raises(DataError, match=match):
         load_dataset("npz", tmp_path / "d.npz")
+
+
+def test_npz_values_outside_unit_range_need_an_explicit_scale(tmp_path: Path) -> None:
+    """scikit-learn's digits are uint8 in 0..16: dividing by 255 would silently ruin them."""
+    x = np.random.default_rng(0).integers(0, 17, (5, 8, 8)).astype(np.uint8)
+    x[0, 0, 0] = 16
+    np.savez(tmp_path / "digits.npz", x=x, y=np.arange(5))
+    with pytest.raises(DataError, match=r"ranges over \[0, 16\].*--pixel-scale 16"):
+        load_dataset("npz", tmp_path / "digits.npz")
+    ds = load_dataset("npz", tmp_path / "digits.npz", pixel_scale=16)
+    assert float(ds.x.max()) == 1.0 and torch.equal(ds.x * 16, torch.from_numpy(x[:, None]).float())
+    with pytest.raises(DataError, match="pixel_scale"):
+        load_dataset("npz", tmp_path / "digits.npz", pixel_scale=8)  # 16 / 8 > 1
+    with pytest.raises(DataError, match="npz data only"):
+        load_dataset("mnist", tmp_path, pixel_scale=255)
 
 
 def test_npz_structure_errors(tmp_path: Path) -> None:

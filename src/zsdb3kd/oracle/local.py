@@ -24,11 +24,13 @@ class TorchOracle(LabelOracle):
         return self.__model(x.to(self.device, torch.float32)).argmax(dim=1)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, *, device: str = "cpu", arch: str | None = None, **kwargs) -> "TorchOracle":
-        """Load a teacher from a weights file (see :mod:`zsdb3kd.weights`)."""
+    def from_file(cls, path: str | os.PathLike, *, device: str = "cpu", arch: str | None = None,
+                  input_shape=None, num_classes: int | None = None, **kwargs) -> "TorchOracle":
+        """Load a teacher from a weights file (see :mod:`zsdb3kd.weights`); ``arch``,
+        ``input_shape`` and ``num_classes`` describe a plain state dict."""
         from ..weights import load_weights
 
-        model, info = load_weights(path, device=device, arch=arch)
+        model, info = load_weights(path, device=device, arch=arch, input_shape=input_shape, num_classes=num_classes)
         oracle = cls(model, info.input_shape, info.num_classes, device=device, **kwargs)
         oracle.source = info
         return oracle

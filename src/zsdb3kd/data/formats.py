@@ -1,12 +1,7 @@
-"""Image datasets as float tensors: IDX (MNIST, Fashion-MNIST), CIFAR-10, image folders, npz.
-
-Every loader returns an :class:`ImageSet` whose ``x`` is float32 (N, C, H, W) in [0, 1]
-(no mean/std normalisation) and whose ``y`` is int64 (N,). Every problem with
-user-supplied data raises :class:`DataError` (a ``ValueError``) naming the path, what
-was expected and what was found. Pickled CIFAR batches are untrusted input and are
-read with a restricted unpickler that can only rebuild dicts, lists, strings, ints
-and plain numpy arrays.
-"""
+"""Readers of the on-disk formats: IDX (MNIST, Fashion-MNIST), CIFAR-10 batches, image
+folders (with a uint8 cache) and npz. Pickled CIFAR batches are untrusted input and are
+read with a restricted unpickler that can only rebuild dicts, lists, strings, ints and
+plain numpy arrays."""
 
 from __future__ import annotations
 
@@ -14,109 +9,24 @@ import gzip
 import hashlib
 import logging
 import math
-import numbers
 import os
 import pickle
 import struct
-import tempfile
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["DATASETS", "DEFAULT_ROOTS", "DataError", "ImageSet", "dataset_fingerprint", "load_dataset",
-           "train_val_split"]
+from ..store import atomic_write
+from .base import (CACHE_VERSION, CIFAR10_CLASSES, FASHION_MNIST_CLASSES, GRAY_MODES, IMAGE_EXTS, MNIST_CLASSES,
+                   SPLITS, DataError, ImageSet, finish, u8_to_float)
 
 log = logging.getLogger(__name__)
-
-DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "folder", "npz")
-DEFAULT_ROOTS: dict[str, str] = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
-SPLITS: tuple[str, ...] = ("train", "test")
-_INSTALL_HINTS: dict[str, str] = {"fashion-mnist": "apt-get install dataset-fashion-mnist"}
-
-MNIST_CLASSES: list[str] = [str(i) for i in range(10)]
-FASHION_MNIST_CLASSES: list[str] = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-CIFAR10_CLASSES: list[str] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-_IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-_GRAY_MODES = frozenset({"1", "L", "LA"})
-_CACHE_VERSION = "zsdb3kd-folder-cache-v1"
-
-
-class DataError(ValueError):
-    """A user-facing data problem; the message names the path, what was expected and what was found."""
-
-
-@dataclass
-class ImageSet:
-    """A labelled image set: ``x`` float32 (N, C, H, W) in [0, 1], ``y`` int64 (N,)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    classes: list[str]
-    name: str
-
-    def __post_init__(self) -> None:
-        if self.x.ndim != 4 or self.x.dtype != torch.float32:
-            raise DataError(f"{self.name}: x must be float32 (N, C, H, W), found {self.x.dtype} {tuple(self.x.shape)}")
-        if self.y.dtype != torch.int64 or tuple(self.y.shape) != (self.x.shape[0],):
-            raise DataError(
-                f"{self.name}: y must be int64 of shape ({self.x.shape[0]},), found {self.y.dtype} {tuple(self.y.shape)}"
-            )
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """Per-image shape (C, H, W)."""
-        c, h, w = self.x.shape[1:]
-        return int(c), int(h), int(w)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def subset(self, indices: torch.Tensor | Sequence[int] | np.ndarray) -> ImageSet:
-        """The samples at ``indices`` (LongTensor / int sequence / bool mask of length N), same classes."""
-        idx = torch.as_tensor(indices)
-        if idx.dtype == torch.bool:
-            idx = idx.nonzero().flatten()
-        idx = idx.long().flatten()
-        return ImageSet(self.x[idx], self.y[idx], list(self.classes), f"{self.name}[subset:{idx.numel()}]")
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _u8_to_float(u8: np.ndarray) -> torch.Tensor:
-    """uint8 array of any shape -> float32 tensor scaled to [0, 1] (a copy)."""
-    out = u8.astype(np.float32)
-    out /= 255.0
-    return torch.from_numpy(out)
-
-
-def _finish(x: torch.Tensor, y: Any, classes: list[str] | None, name: str, where: Path) -> ImageSet:
-    """Validate labels against ``x`` (N, C, H, W) and build the ImageSet (classes default to "0".."K-1")."""
-    y = np.asarray(y)
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{where}: expected integer labels of shape (N,), found {y.dtype} {y.shape}")
-    if len(y) != x.shape[0]:
-        raise DataError(f"{where}: found {x.shape[0]} images but {len(y)} labels")
-    if len(y) == 0:
-        raise DataError(f"{where}: expected at least one image, found none")
-    lo, hi = int(y.min()), int(y.max())
-    if classes is None:
-        classes = [str(i) for i in range(max(hi, 0) + 1)]
-    if lo < 0 or hi >= len(classes):
-        raise DataError(f"{where}: labels must lie in [0, {len(classes) - 1}], found range [{lo}, {hi}]")
-    return ImageSet(x, torch.from_numpy(y.astype(np.int64)), list(classes), name)
-
 
 # ----------------------------------------------------------------------------- IDX (MNIST family)
 
@@ -152,7 +62,7 @@ def _load_idx(root: Path, name: str, split: str) -> ImageSet:
         if found[0] is not None and found[1] is not None:
             images, labels = _read_idx(found[0], 3), _read_idx(found[1], 1)
             classes = MNIST_CLASSES if name == "mnist" else FASHION_MNIST_CLASSES
-            return _finish(_u8_to_float(images[:, None]), labels, classes, f"{name}/{split}", found[0].parent)
+            return finish(u8_to_float(images[:, None]), labels, classes, f"{name}/{split}", found[0].parent)
     raise DataError(
         f"{name}: expected {stems[0]}[.gz] and {stems[1]}[.gz] in {dirs[0]} or {dirs[1]}; found neither pair"
     )
@@ -239,8 +149,8 @@ def _load_cifar10(root: Path, name: str, split: str) -> ImageSet:
                 if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
                     raise DataError(f"{d / 'batches.meta'}: expected a list 'label_names', found {type(names).__name__}")
                 classes = [n.decode() if isinstance(n, bytes) else n for n in names]
-            x = _u8_to_float(np.concatenate([b[0] for b in batches]))
-            return _finish(x, np.concatenate([b[1] for b in batches]), classes, f"{name}/{split}", d)
+            x = u8_to_float(np.concatenate([b[0] for b in batches]))
+            return finish(x, np.concatenate([b[1] for b in batches]), classes, f"{name}/{split}", d)
     if (root / split).is_dir():
         return _load_image_folder(root / split, f"{name}/{split}")
     raise DataError(
@@ -260,20 +170,20 @@ def _scan_folder(base: Path) -> tuple[list[str], list[str], np.ndarray, str]:
     classes = sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{base}: expected class subfolders <class>/<image files>, found none")
-    key = hashlib.sha256(f"{_CACHE_VERSION}\n{base.resolve()}\n".encode())
+    key = hashlib.sha256(f"{CACHE_VERSION}\n{base.resolve()}\n".encode())
     paths: list[str] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):
         with os.scandir(base / cls) as it:
             entries = sorted((e for e in it if e.is_file() and not e.name.startswith(".")
-                              and os.path.splitext(e.name)[1].lower() in _IMAGE_EXTS), key=lambda e: e.name)
+                              and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS), key=lambda e: e.name)
         for e in entries:
             st = e.stat()
             key.update(f"{cls}/{e.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
             paths.append(e.path)
             labels.append(label)
     if not paths:
-        raise DataError(f"{base}: expected image files ({', '.join(sorted(_IMAGE_EXTS))}) in {base}/<class>/, found none")
+        raise DataError(f"{base}: expected image files ({', '.join(sorted(IMAGE_EXTS))}) in {base}/<class>/, found none")
     return classes, paths, np.asarray(labels, dtype=np.int64), key.hexdigest()
 
 
@@ -281,7 +191,7 @@ def _decode_image(path: str) -> np.ndarray:
     """Decode one image -> uint8 (H, W) for grayscale modes, else (H, W, 3) RGB."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L" if im.mode in _GRAY_MODES else "RGB"))
+            return np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"))
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise DataError(f"{path}: cannot decode image: {type(e).__name__}: {e}") from e
 
@@ -320,17 +230,11 @@ def _cache_read(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
 
 
 def _cache_write(path: Path, x: np.ndarray, y: np.ndarray, classes: list[str]) -> None:
-    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, x=x, y=y, classes=np.asarray(classes, dtype=str))
-        os.replace(tmp, path)
     except OSError as e:
         log.warning("could not write dataset cache %s: %s", path, e)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load_image_folder(base: Path, name: str) -> ImageSet:
@@ -347,7 +251,7 @@ def _load_image_folder(base: Path, name: str) -> ImageSet:
     else:
         x_u8 = _decode_all(paths)
         _cache_write(cache_file, x_u8, labels, classes)
-    return _finish(_u8_to_float(x_u8), labels, classes, name, base)
+    return finish(u8_to_float(x_u8), labels, classes, name, base)
 
 
 def _load_folder(root: Path, name: str, split: str) -> ImageSet:
@@ -361,8 +265,11 @@ def _load_folder(root: Path, name: str, split: str) -> ImageSet:
 
 # ----------------------------------------------------------------------------- npz
 
-def _npz_images(x: np.ndarray, path: Path) -> torch.Tensor:
-    """x uint8 or float in [0, 1], shape (N, H, W), (N, C, H, W) or (N, H, W, C) -> float32 (N, C, H, W)."""
+def _npz_images(x: np.ndarray, path: Path, pixel_scale: float | None) -> torch.Tensor:
+    """x of shape (N, H, W), (N, C, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [0, 1].
+
+    Values must already lie in [0, 1], or ``pixel_scale`` says what to divide them by (255
+    for 8-bit images, 16 for scikit-learn's digits): nothing is scaled unless asked."""
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
@@ -370,17 +277,24 @@ def _npz_images(x: np.ndarray, path: Path) -> torch.Tensor:
     elif x.ndim != 4 or x.shape[1] not in (1, 3):
         raise DataError(f"{path}: expected x of shape (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {{1, 3}}, "
                         f"found {x.shape}")
-    if x.dtype == np.uint8:
-        return _u8_to_float(np.ascontiguousarray(x))
-    if not np.issubdtype(x.dtype, np.floating):
-        raise DataError(f"{path}: expected x of dtype uint8 or float, found {x.dtype}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise DataError(f"{path}: expected x of an integer or float dtype, found {x.dtype}")
     xf = np.ascontiguousarray(x, dtype=np.float32)
-    if xf.size and not (xf.min() >= 0.0 and xf.max() <= 1.0):  # also catches NaN
-        raise DataError(f"{path}: float x must lie in [0, 1], found range [{xf.min()}, {xf.max()}]")
+    lo, hi = (float(xf.min()), float(xf.max())) if xf.size else (0.0, 0.0)
+    if pixel_scale is not None:
+        xf /= np.float32(pixel_scale)
+        if xf.size and not (xf.min() >= 0.0 and xf.max() <= 1.0):  # also catches NaN
+            raise DataError(f"{path}: x / pixel_scale must lie in [0, 1]; x ranges over [{lo:g}, {hi:g}] and "
+                            f"pixel_scale is {pixel_scale:g}")
+    elif xf.size and not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
+        guess = 255 if hi > 16 else 16 if hi > 1 else None
+        hint = f" (e.g. --pixel-scale {guess:g} if {guess:g} is the largest value it can take)" if guess else ""
+        raise DataError(f"{path}: x ({x.dtype}) ranges over [{lo:g}, {hi:g}], not [0, 1]; say what to divide "
+                        f"it by with --pixel-scale (pixel_scale in [data]){hint}")
     return torch.from_numpy(xf)
 
 
-def _load_npz(root: Path, name: str, split: str) -> ImageSet:
+def _load_npz(root: Path, name: str, split: str, pixel_scale: float | None = None) -> ImageSet:
     if root.is_dir():
         path = root / f"{split}.npz"
         if not path.is_file():
@@ -404,92 +318,12 @@ def _load_npz(root: Path, name: str, split: str) -> ImageSet:
         raise
     except Exception as e:  # BadZipFile, OSError, ValueError (object arrays), EOFError...
         raise DataError(f"{path}: cannot read npz (corrupt, truncated or pickled objects?): {e}") from e
-    return _finish(_npz_images(x, path), y, classes, f"{name}/{split}", path)
+    return finish(_npz_images(x, path, pixel_scale), y, classes, f"{name}/{split}", path)
 
 
-# ----------------------------------------------------------------------------- public API
 
-_LOADERS: dict[str, Callable[[Path, str, str], ImageSet]] = {
+
+LOADERS: dict[str, Callable[[Path, str, str], ImageSet]] = {
     "mnist": _load_idx, "fashion-mnist": _load_idx, "cifar10": _load_cifar10, "folder": _load_folder, "npz": _load_npz,
 }
 
-
-def load_dataset(name: str, root: str | os.PathLike[str] | None = None, split: str = "train") -> ImageSet:
-    """Load split ``split`` of dataset ``name`` from ``root`` -> ImageSet with x (N, C, H, W), y (N,).
-
-    ``root=None`` uses :data:`DEFAULT_ROOTS`. Raises :class:`DataError` for unknown names/splits,
-    missing, corrupt or inconsistent files.
-    """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
-    if root is None:
-        if name not in DEFAULT_ROOTS:
-            raise DataError(f"dataset {name!r} has no default location; pass its path (--data-root)")
-        root = DEFAULT_ROOTS[name]
-        if not Path(root).exists():
-            hint = f"install it with `{_INSTALL_HINTS[name]}` or " if name in _INSTALL_HINTS else ""
-            raise DataError(f"{name}: default data directory {root} does not exist; {hint}pass --data-root")
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise DataError(f"{name}: data root {path} does not exist")
-    return _LOADERS[name](path, name, split)
-
-
-def train_val_split(labels: torch.Tensor, val_size: int | float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified split of ``labels`` (N,) -> sorted int64 (train_idx, val_idx), disjoint, covering range(N).
-
-    ``val_size`` is a count (int in [0, N-1]) or a fraction (float in (0, 1)). Each class contributes
-    in proportion (largest-remainder rounding); if the count allows, every class with >= 2 samples
-    gets at least one validation sample. Deterministic for a given ``seed``.
-    """
-    labels = torch.as_tensor(labels)
-    if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
-    n = labels.numel()
-    if n < 2:
-        raise ValueError(f"need at least 2 samples to split, got {n}")
-    if isinstance(val_size, numbers.Integral) and not isinstance(val_size, bool):
-        n_val = int(val_size)
-        if not 0 <= n_val < n:
-            raise ValueError(f"val_size={val_size} must be an int in [0, {n - 1}] or a float in (0, 1)")
-    elif isinstance(val_size, numbers.Real) and not isinstance(val_size, bool):
-        if not 0.0 < float(val_size) < 1.0:
-            raise ValueError(f"val_size={val_size} as a fraction must lie strictly between 0 and 1")
-        n_val = min(max(1, round(float(val_size) * n)), n - 1)
-    else:
-        raise ValueError(f"val_size must be an int or a float, got {type(val_size).__name__}")
-    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    quota = _stratified_quota(counts, n_val)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    grouped, order = torch.sort(inverse[perm], stable=True)  # classes in blocks, random order inside
-    idx = perm[order]
-    rank = torch.arange(n) - (torch.cumsum(counts, 0) - counts)[grouped]
-    is_val = rank < quota[grouped]
-    return idx[~is_val].sort().values, idx[is_val].sort().values
-
-
-def _stratified_quota(counts: torch.Tensor, n_val: int) -> torch.Tensor:
-    """Per-class validation counts (K,) summing to ``n_val``, proportional to ``counts`` (K,)."""
-    ideal = counts.double() * n_val / float(counts.sum())
-    quota = ideal.floor().long()
-    rest = n_val - int(quota.sum())
-    if rest > 0:
-        quota[torch.argsort(ideal - quota, descending=True, stable=True)[:rest]] += 1
-    floor = (counts >= 2).long()  # classes that can spare one sample for validation
-    if n_val >= int(floor.sum()):
-        for k in (quota < floor).nonzero().flatten().tolist():
-            surplus = torch.where(quota > floor, quota - ideal, torch.full_like(ideal, -math.inf))
-            donor = int(surplus.argmax())
-            quota[donor] -= 1
-            quota[k] += 1
-    return quota
-
-
-def dataset_fingerprint(ds: ImageSet) -> str:
-    """sha256 hex digest of the bytes of ``ds.x`` (float32, C-contiguous) followed by ``ds.y`` (int64)."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(ds.x.detach().cpu().numpy()).data)
-    h.update(np.ascontiguousarray(ds.y.detach().cpu().numpy()).data)
-    return h.hexdigest()
