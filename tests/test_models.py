@@ -29,6 +29,8 @@ def _linear(fin: int, fout: int) -> int:
 def test_registry_lists_paper_architectures() -> None:
     assert list_models() == sorted(
         [
+            "mlp",
+            "cnn-small",
             "lenet5",
             "lenet5-half",
             "lenet5-fifth",
@@ -193,3 +195,13 @@ def test_parse_input_shape(value: object, expected: tuple[int, int, int]) -> Non
 def test_parse_input_shape_rejects(value: object) -> None:
     with pytest.raises(ValueError):
         parse_input_shape(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn-small"])
+@pytest.mark.parametrize("shape", [(1, 8, 12), (3, 32, 32), (1, 28, 28), (2, 1, 1)])
+def test_small_students_take_any_input_shape(name: str, shape: tuple[int, int, int]) -> None:
+    model = create_model(name, num_classes=4, input_shape=shape)
+    out = model(torch.rand(3, *shape))
+    assert out.shape == (3, 4)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
