@@ -67,11 +67,8 @@ def fmnist_npz(d, n_train: int, n_test: int):
     except DataError as e:
         pytest.skip(f"Fashion-MNIST unreadable: {e}")
 
-    def u8(x: torch.Tensor) -> np.ndarray:
-        return (x[:, 0] * 255).round().to(torch.uint8).numpy()
-
-    np.savez(d / "train.npz", x=u8(train.x[:n_train]), y=train.y[:n_train].numpy())
-    np.savez(d / "test.npz", x=u8(test.x[:n_test]), y=test.y[:n_test].numpy())
+    np.savez(d / "train.npz", x=train.x[:n_train, 0].numpy(), y=train.y[:n_train].numpy())
+    np.savez(d / "test.npz", x=test.x[:n_test, 0].numpy(), y=test.y[:n_test].numpy())
     return d
 
 
@@ -93,3 +90,28 @@ def linear_data(linear_teacher):
     with torch.no_grad():
         y = linear_teacher(x).argmax(1)
     return x, y
+
+
+class LockHolder:
+    """Another process holding a chunk's file lock (as a second worker would) until :meth:`release`."""
+
+    def __init__(self, path) -> None:
+        import subprocess
+        import sys
+
+        code = ("import sys, filelock; lock = filelock.FileLock(sys.argv[1], thread_local=False); lock.acquire(); "
+                "print('held', flush=True); sys.stdin.read()")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "held"  # waits on the holder itself, not a sleep
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(30)
+
+    def __enter__(self) -> "LockHolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from zsdb3kd import distill
-from zsdb3kd.distill import TrainConfig, accuracy, augment_batch, kd_loss, predict, train
+from zsdb3kd.distill import TrainSettings as TrainConfig, accuracy, augment_batch, kd_loss, predict, train
 
 SHAPE = (1, 4, 4)
 
@@ -136,9 +136,9 @@ def problem():
 
 def test_train_is_deterministic_under_seed(problem):
     x, y, xv, yv = problem
-    cfg = TrainConfig(epochs=4, batch_size=32, lr=1e-2, seed=5)
+    cfg, seed = TrainConfig(epochs=4, batch_size=32, lr=1e-2), 5
     tl = torch.randn(len(x), 2, generator=torch.Generator().manual_seed(2))
-    runs = [train(_mlp(dropout=0.3), x, y, xv, yv, cfg, teacher_logits=tl, progress=False) for _ in range(2)]
+    runs = [train(_mlp(dropout=0.3), x, y, xv, yv, cfg, seed=seed, teacher_logits=tl, progress=False) for _ in range(2)]
     a, b = runs
     assert a.state_dict.keys() == b.state_dict.keys()
     for k in a.state_dict:
@@ -147,7 +147,7 @@ def test_train_is_deterministic_under_seed(problem):
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
     assert a.best_epoch == b.best_epoch
     # the seed matters: another one shuffles differently
-    c = train(_mlp(dropout=0.3), x, y, xv, yv, TrainConfig(epochs=4, batch_size=32, lr=1e-2, seed=6),
+    c = train(_mlp(dropout=0.3), x, y, xv, yv, TrainConfig(epochs=4, batch_size=32, lr=1e-2), seed=6,
               teacher_logits=tl, progress=False)
     assert any(not torch.equal(a.state_dict[k], c.state_dict[k]) for k in a.state_dict)
 
@@ -170,7 +170,7 @@ def test_selects_best_validation_epoch_not_the_last(problem):
     # as training proceeds, so the best epoch is early and the last is much worse
     x, y, xv, yv = problem
     model = _mlp(seed=1)
-    res = train(model, x, 1 - y, xv, yv, TrainConfig(epochs=6, batch_size=64, lr=3e-3, seed=0), progress=False)
+    res = train(model, x, 1 - y, xv, yv, TrainConfig(epochs=6, batch_size=64, lr=3e-3), seed=0, progress=False)
     accs = _check_selection(model, res, xv, yv)
     assert res.best_epoch < len(accs) - 1
     assert accs[-1] < res.best_val_acc - 10
@@ -179,7 +179,7 @@ def test_selects_best_validation_epoch_not_the_last(problem):
 def test_selects_best_validation_epoch_not_the_first(problem):
     x, y, xv, yv = problem
     model = _mlp(seed=2)
-    res = train(model, x, y, xv, yv, TrainConfig(epochs=12, batch_size=64, lr=3e-3, seed=0), progress=False)
+    res = train(model, x, y, xv, yv, TrainConfig(epochs=12, batch_size=64, lr=3e-3), seed=0, progress=False)
     accs = _check_selection(model, res, xv, yv)
     assert res.best_epoch > 0 and accs[0] < res.best_val_acc
     # the tiny linearly separable problem is learned
@@ -190,7 +190,7 @@ def test_selects_best_validation_epoch_not_the_first(problem):
 def test_returned_state_is_a_copy(problem):
     x, y, xv, yv = problem
     model = _mlp()
-    res = train(model, x, y, xv, yv, TrainConfig(epochs=1, batch_size=128, seed=0), progress=False)
+    res = train(model, x, y, xv, yv, TrainConfig(epochs=1, batch_size=128), seed=0, progress=False)
     before = {k: v.clone() for k, v in res.state_dict.items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -207,11 +207,11 @@ def test_teacher_logits_are_aligned_with_samples(problem):
     tl = torch.nn.functional.one_hot(y, 2).float() * 6.0 - 3.0
     model = _mlp(seed=3)
     res = train(model, x, noise, xv, yv, TrainConfig(epochs=12, batch_size=64, lr=3e-3, temperature=1.0,
-                                                     kl_weight=1.0, kl_reduction="batchmean", seed=0),
+                                                     kl_weight=1.0, kl_reduction="batchmean"), seed=0,
                 teacher_logits=tl, progress=False)
     assert res.best_val_acc > 85.0
     # same noise labels without the teacher: nothing to learn
-    res0 = train(_mlp(seed=3), x, noise, xv, yv, TrainConfig(epochs=12, batch_size=64, lr=3e-3, seed=0),
+    res0 = train(_mlp(seed=3), x, noise, xv, yv, TrainConfig(epochs=12, batch_size=64, lr=3e-3), seed=0,
                  progress=False)
     assert res0.history[-1]["val_acc"] < 75.0
 
@@ -249,7 +249,7 @@ def test_batchnorm_batch_of_one_is_skipped():
     x, y = _linear_problem(40, seed=4)
     n = (len(x) // 4) * 4 + 1  # last batch holds one sample
     x, y = x[:n], y[:n]
-    res = train(model, x, y, x, y, TrainConfig(epochs=2, batch_size=4, seed=0), progress=False)
+    res = train(model, x, y, x, y, TrainConfig(epochs=2, batch_size=4), seed=0, progress=False)
     assert len(res.history) == 2 and all(math.isfinite(h["loss"]) for h in res.history)
 
 
@@ -302,19 +302,25 @@ def test_flip_crop_is_a_shift_of_the_padded_image():
 
 def test_augment_changes_training_and_stays_deterministic(problem):
     x, y, xv, yv = problem
-    cfg = TrainConfig(epochs=2, batch_size=64, lr=1e-2, seed=0, augment="flip-crop")
-    a = train(_mlp(), x, y, xv, yv, cfg, progress=False)
-    b = train(_mlp(), x, y, xv, yv, cfg, progress=False)
-    plain = train(_mlp(), x, y, xv, yv, TrainConfig(epochs=2, batch_size=64, lr=1e-2, seed=0), progress=False)
+    cfg, seed = TrainConfig(epochs=2, batch_size=64, lr=1e-2, augment="flip-crop"), 0
+    a = train(_mlp(), x, y, xv, yv, cfg, seed=seed, progress=False)
+    b = train(_mlp(), x, y, xv, yv, cfg, seed=seed, progress=False)
+    plain = train(_mlp(), x, y, xv, yv, TrainConfig(epochs=2, batch_size=64, lr=1e-2), seed=0, progress=False)
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     assert any(not torch.equal(a.state_dict[k], plain.state_dict[k]) for k in a.state_dict)
 
 
-def test_config_key_leaves_out_neutral_new_settings():
-    # artifacts written before `augment` existed keep their names
+def test_settings_key_tracks_every_field_and_validation_names_the_key():
+    from zsdb3kd.settings import ConfigError, validate
+
     plain = TrainConfig(epochs=3)
-    assert "augment" not in plain.key() and plain.key() == {k: v for k, v in plain.__dict__.items() if k != "augment"}
-    assert TrainConfig(epochs=3, augment="flip-crop").key()["augment"] == "flip-crop"
+    assert plain.key() == TrainConfig(epochs=3).key()
+    for change in ({"epochs": 4}, {"augment": "flip-crop"}, {"kl_reduction": "sum"}, {"lr": 2e-3}):
+        assert plain.replace(**change).key() != plain.key()
+    with pytest.raises(ConfigError, match=r"kl_reduction: Input should be 'batchmean' or 'sum' \(got 'mean'\)"):
+        validate(TrainConfig, {"kl_reduction": "mean"})
+    with pytest.raises(ConfigError, match="epoch: unknown key; did you mean 'epochs'"):
+        validate(TrainConfig, {"epoch": 3})
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,18 +345,18 @@ def _interrupt_after(monkeypatch, epochs_done: int) -> None:
 @pytest.mark.parametrize("augment", ["none", "flip-crop"])
 def test_interrupted_training_resumes_to_the_same_result(problem, tmp_path, monkeypatch, augment):
     x, y, xv, yv = problem
-    cfg = TrainConfig(epochs=5, batch_size=32, lr=1e-2, seed=3, augment=augment)
+    cfg, seed = TrainConfig(epochs=5, batch_size=32, lr=1e-2, augment=augment), 3
     tl = torch.randn(len(x), 2, generator=torch.Generator().manual_seed(2))
-    whole = train(_mlp(dropout=0.3), x, y, xv, yv, cfg, teacher_logits=tl, progress=False)
+    whole = train(_mlp(dropout=0.3), x, y, xv, yv, cfg, seed=seed, teacher_logits=tl, progress=False)
     ck = tmp_path / "student.train.pt"
     with monkeypatch.context() as m:
         _interrupt_after(m, 2)
         with pytest.raises(KeyboardInterrupt):
-            train(_mlp(dropout=0.3), x, y, xv, yv, cfg, teacher_logits=tl, progress=False, checkpoint=ck,
+            train(_mlp(dropout=0.3), x, y, xv, yv, cfg, seed=seed, teacher_logits=tl, progress=False, checkpoint=ck,
                   checkpoint_every=1e9)  # only the interruption writes it
     assert ck.exists()
     torch.manual_seed(12345)  # the global generator (dropout) must come from the checkpoint, not from here
-    resumed = train(_mlp(seed=7, dropout=0.3), x, y, xv, yv, cfg, teacher_logits=tl, progress=False, checkpoint=ck)
+    resumed = train(_mlp(seed=7, dropout=0.3), x, y, xv, yv, cfg, seed=seed, teacher_logits=tl, progress=False, checkpoint=ck)
     assert not ck.exists()  # removed once training ends
     assert [h["epoch"] for h in resumed.history] == list(range(5))
     assert resumed.history == whole.history and resumed.best_epoch == whole.best_epoch
@@ -360,16 +366,16 @@ def test_interrupted_training_resumes_to_the_same_result(problem, tmp_path, monk
 
 def test_interrupted_twice_and_periodic_saves(problem, tmp_path, monkeypatch):
     x, y, xv, yv = problem
-    cfg = TrainConfig(epochs=6, batch_size=32, lr=1e-2, seed=1)
-    whole = train(_mlp(), x, y, xv, yv, cfg, progress=False)
+    cfg, seed = TrainConfig(epochs=6, batch_size=32, lr=1e-2), 1
+    whole = train(_mlp(), x, y, xv, yv, cfg, seed=seed, progress=False)
     ck = tmp_path / "t.train.pt"
     for done in (2, 1):  # 2 epochs, then 1 more; each run saves every epoch (checkpoint_every=0)
         with monkeypatch.context() as m:
             _interrupt_after(m, done)
             with pytest.raises(KeyboardInterrupt):
-                train(_mlp(), x, y, xv, yv, cfg, progress=False, checkpoint=ck, checkpoint_every=0)
+                train(_mlp(), x, y, xv, yv, cfg, seed=seed, progress=False, checkpoint=ck, checkpoint_every=0)
         assert torch.load(ck, weights_only=True)["state"]["epoch"] == (2 if done == 2 else 3)
-    resumed = train(_mlp(), x, y, xv, yv, cfg, progress=False, checkpoint=ck)
+    resumed = train(_mlp(), x, y, xv, yv, cfg, seed=seed, progress=False, checkpoint=ck)
     assert resumed.history == whole.history
     assert all(torch.equal(resumed.state_dict[k], whole.state_dict[k]) for k in whole.state_dict)
 

@@ -372,8 +372,7 @@ def test_garbage_onnx_file(tmp_path):
         load_oracle(p)
 
 
-def test_missing_weights_file_is_a_value_error(tmp_path):
-    from zsdb3kd.weights import WeightsError
-
-    with pytest.raises(WeightsError):
-        load_oracle(tmp_path / "nope.safetensors")
+def test_missing_teacher_file_is_named_before_anything_is_read(tmp_path):
+    for name in ("nope.safetensors", "nope.pt", "nope.onnx"):
+        with pytest.raises(FileNotFoundError, match=f"teacher file not found: .*{name}"):
+            load_oracle(tmp_path / name)

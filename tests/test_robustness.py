@@ -37,7 +37,7 @@ def mbd_run():
     px = torch.rand(400, *SHAPE, generator=g)
     pool = CandidatePool(px, teacher(px).argmax(1))
     xs = _samples()
-    s = RobustnessSettings(method="mbd", budget=4000, checkpoints=(500, 1000, 2000, 4000), chunk_size=4)
+    s = RobustnessSettings(method="mbd", queries_per_pair=4000, checkpoints=(500, 1000, 2000, 4000), chunk_size=4)
     res = compute_robustness(oracle, xs, s, pool=pool, progress=False)
     return teacher, oracle, xs, res
 
@@ -60,7 +60,7 @@ def test_hsja_converges_faster_than_paper_mbd_at_small_budgets(linear_teacher, l
     runs = {}
     for m in ("mbd", "hsja"):
         oracle = TorchOracle(linear_teacher, SHAPE, K)
-        runs[m] = compute_robustness(oracle, xs, RobustnessSettings(method=m, budget=1000, checkpoints=(500, 1000)),
+        runs[m] = compute_robustness(oracle, xs, RobustnessSettings(method=m, queries_per_pair=1000, checkpoints=(500, 1000)),
                                      pool=pool, progress=False)
         assert oracle.queries == runs[m].total_queries and int(runs[m].queries.max()) <= 1000
     r_h, r_m = _ratios(runs["hsja"], linear_teacher, xs), _ratios(runs["mbd"], linear_teacher, xs)
@@ -78,7 +78,7 @@ def test_hsja_sub_switches_to_full_resolution_and_converges(linear_teacher, line
     ratios = {}
     for sq in (300, None):
         oracle = TorchOracle(linear_teacher, SHAPE, K)
-        s = RobustnessSettings(method="hsja-sub", budget=1500, checkpoints=(1500,), options={"subspace_queries": sq})
+        s = RobustnessSettings(method=f"hsja-sub:subspace_queries={sq}", queries_per_pair=1500, checkpoints=(1500,))
         res = compute_robustness(oracle, xs, s, pool=pool, progress=False)
         assert int(res.queries.max()) <= 1500 and oracle.queries == res.total_queries
         ratios[sq] = _ratios(res, linear_teacher, xs)[:, -1]
@@ -142,7 +142,7 @@ def test_hsja_sub_circle_beats_the_step_update_on_the_linear_teacher(linear_teac
     for m in ("hsja-sub", "hsja-sub-circle"):
         oracle = TorchOracle(linear_teacher, SHAPE, K)
         # the linear teacher's normal is not low-frequency: switch to full resolution early
-        s = RobustnessSettings(method=m, budget=1000, checkpoints=(500, 1000), options={"subspace_queries": 200})
+        s = RobustnessSettings(method=f"{m}:subspace_queries=200", queries_per_pair=1000, checkpoints=(500, 1000))
         res = compute_robustness(oracle, xs, s, pool=pool, progress=False)
         assert oracle.queries == res.total_queries and int(res.queries.max()) <= 1000
         r = _ratios(res, linear_teacher, xs)
@@ -154,7 +154,7 @@ def test_hsja_sub_circle_beats_the_step_update_on_the_linear_teacher(linear_teac
 
 
 def test_capped_estimator_hands_over_at_its_cap(linear_teacher, linear_data):
-    from zsdb3kd.robustness.estimators import Capped, HopSkipJump
+    from zsdb3kd.robustness import Capped, HopSkipJump
 
     xs = _samples(3)
     oracle = TorchOracle(linear_teacher, SHAPE, K)
@@ -183,7 +183,7 @@ def test_capped_estimator_hands_over_at_its_cap(linear_teacher, linear_data):
 def test_hybrid_converges_on_the_linear_teacher(linear_teacher, linear_data):
     xs = _samples()
     oracle = TorchOracle(linear_teacher, SHAPE, K)
-    s = RobustnessSettings(method="hybrid", budget=2000, checkpoints=(1000, 2000), options={"subspace_queries": 200})
+    s = RobustnessSettings(method="hybrid:subspace_queries=200", queries_per_pair=2000, checkpoints=(1000, 2000))
     res = compute_robustness(oracle, xs, s, pool=CandidatePool(*linear_data), progress=False)
     assert oracle.queries == res.total_queries and int(res.queries.max()) <= 2000
     r = _ratios(res, linear_teacher, xs)
@@ -196,7 +196,7 @@ def test_signopt_probe_reuse_tightens_the_worst_pairs(linear_teacher, linear_dat
     # Sign-OPT with reuse: each step direction also counts the previous iteration's probes
     xs = _samples()
     oracle = TorchOracle(linear_teacher, SHAPE, K)
-    s = RobustnessSettings(method="mbd", budget=2000, checkpoints=(1500, 2000), options={"reuse": 0.5})
+    s = RobustnessSettings(method="mbd:reuse=0.5", queries_per_pair=2000, checkpoints=(1500, 2000))
     res = compute_robustness(oracle, xs, s, pool=CandidatePool(*linear_data), progress=False)
     assert oracle.queries == res.total_queries and int(res.queries.max()) <= 2000
     r = _ratios(res, linear_teacher, xs)
@@ -211,7 +211,7 @@ def test_signopt_reuse_must_be_a_weight_in_0_1():
         with pytest.raises(ValueError, match="reuse must be in"):
             SignOPT(reuse=bad)
         with pytest.raises(ValueError, match="reuse must be in"):
-            RobustnessSettings(method="hybrid", options={"reuse": bad})
+            RobustnessSettings(method=f"hybrid:reuse={bad}")
 
 
 def test_budgets_and_counts_are_exact(mbd_run):
@@ -228,7 +228,7 @@ def test_bd_is_an_upper_bound_and_mbd_improves_it(linear_teacher, linear_data):
 
     def run(method):
         oracle = TorchOracle(linear_teacher, SHAPE, K)
-        return compute_robustness(oracle, xs, RobustnessSettings(method=method, budget=4000, checkpoints=(), seed=3),
+        return compute_robustness(oracle, xs, RobustnessSettings(method=method, queries_per_pair=4000, checkpoints=(), seed=3),
                                   pool=pool, progress=False)
 
     bd, mbd, sd = run("bd"), run("mbd"), run("sd")
@@ -249,7 +249,7 @@ def test_bd_is_an_upper_bound_and_mbd_improves_it(linear_teacher, linear_data):
 def test_per_pair_budget_never_exceeded(method, budget, linear_teacher, linear_data):
     oracle = TorchOracle(linear_teacher, SHAPE, K)
     xs = _samples(5)
-    res = compute_robustness(oracle, xs, RobustnessSettings(method=method, budget=budget, checkpoints=()),
+    res = compute_robustness(oracle, xs, RobustnessSettings(method=method, queries_per_pair=budget, checkpoints=()),
                              pool=CandidatePool(*linear_data), progress=False)
     assert int(res.queries.max()) <= budget
     assert oracle.queries == int(res.queries.sum()) + len(xs)
@@ -260,7 +260,7 @@ def test_per_pair_budget_never_exceeded(method, budget, linear_teacher, linear_d
 def test_nearest_allocation_never_exceeds_the_sample_budget(method, budget, linear_teacher, linear_data):
     oracle = TorchOracle(linear_teacher, SHAPE, K)
     xs = _samples(5)
-    s = RobustnessSettings(method=method, budget=budget, checkpoints=(), allocation="nearest", top_k=2)
+    s = RobustnessSettings(method=method, queries_per_pair=budget, checkpoints=(), allocation="nearest", top_k=2)
     res = compute_robustness(oracle, xs, s, pool=CandidatePool(*linear_data), progress=False)
     # a sample's (K - 1) * budget is shared unevenly across its targets, never exceeded
     assert int(res.queries.sum(1).max()) <= (K - 1) * budget
@@ -270,7 +270,7 @@ def test_nearest_allocation_never_exceeds_the_sample_budget(method, budget, line
 def test_edge_cases_terminate_with_defined_results(linear_teacher, linear_data):
     oracle = TorchOracle(linear_teacher, SHAPE, K)
     xs = torch.stack([torch.zeros(SHAPE), torch.ones(SHAPE), torch.full(SHAPE, 0.5), linear_data[0][0]])
-    res = compute_robustness(oracle, xs, RobustnessSettings(method="mbd", budget=600, checkpoints=()),
+    res = compute_robustness(oracle, xs, RobustnessSettings(method="mbd", queries_per_pair=600, checkpoints=()),
                              pool=CandidatePool(*linear_data), progress=False)
     d = res.distances[:, :, -1]
     own = torch.nn.functional.one_hot(res.teacher_labels, K).bool()
@@ -284,7 +284,7 @@ def test_unreachable_class_is_inf_within_budget():
     oracle = FunctionOracle(lambda x: torch.zeros(len(x), dtype=torch.long), SHAPE, K)
     px = torch.rand(40, *SHAPE)
     py = torch.arange(40) % K  # pool labels the teacher never gives
-    res = compute_robustness(oracle, _samples(3), RobustnessSettings(method="mbd", budget=300, checkpoints=()),
+    res = compute_robustness(oracle, _samples(3), RobustnessSettings(method="mbd", queries_per_pair=300, checkpoints=()),
                              pool=CandidatePool(px, py), progress=False)
     own = torch.nn.functional.one_hot(res.teacher_labels, K).bool()
     assert torch.isinf(res.distances[~own]).all()
@@ -295,7 +295,7 @@ def test_empty_pool_class_gives_inf_and_no_queries(linear_teacher, linear_data):
     x, y = linear_data
     keep = y != 3
     oracle = TorchOracle(linear_teacher, SHAPE, K)
-    res = compute_robustness(oracle, _samples(4), RobustnessSettings(method="bd", budget=500, checkpoints=()),
+    res = compute_robustness(oracle, _samples(4), RobustnessSettings(method="bd", queries_per_pair=500, checkpoints=()),
                              pool=CandidatePool(x[keep], y[keep]), progress=False)
     mask = res.teacher_labels != 3
     assert torch.isinf(res.distances[mask, 3, -1]).all()
@@ -348,7 +348,7 @@ def test_checkpoints_record_best_within_each_budget(linear_oracle):
 def test_resume_equals_uninterrupted(tmp_path, linear_teacher, linear_data):
     xs = _samples(6)
     pool = CandidatePool(*linear_data)
-    s = RobustnessSettings(method="mbd", budget=300, checkpoints=(100, 300), chunk_size=2, seed=5)
+    s = RobustnessSettings(method="mbd", queries_per_pair=300, checkpoints=(100, 300), chunk_size=2, seed=5)
     full = compute_robustness(TorchOracle(linear_teacher, SHAPE, K), xs, s, pool=pool, progress=False)
     # interrupted run: the total budget runs out in the middle of the second chunk
     first_chunk = int(full.queries[:2].sum()) + 2
@@ -363,7 +363,7 @@ def test_resume_equals_uninterrupted(tmp_path, linear_teacher, linear_data):
     assert torch.equal(resumed.queries, full.queries)
     # other settings in the same directory are refused, not mixed
     with pytest.raises(ValueError, match="different run"):
-        compute_robustness(again, xs, RobustnessSettings(method="bd", budget=300, chunk_size=2), pool=pool,
+        compute_robustness(again, xs, RobustnessSettings(method="bd", queries_per_pair=300, chunk_size=2), pool=pool,
                            work_dir=tmp_path / "parts", progress=False)
 
 
@@ -379,10 +379,10 @@ def test_result_file_round_trip(tmp_path, mbd_run):
 
 
 def test_settings_validation():
-    with pytest.raises(ValueError, match="unknown robustness method"):
+    with pytest.raises(ValueError, match="unknown estimator"):
         RobustnessSettings(method="nope")
     with pytest.raises(ValueError):
-        RobustnessSettings(budget=0)
+        RobustnessSettings(queries_per_pair=0)
 
 
 @pytest.mark.parametrize("method", ["mbd", "hsja"])
@@ -392,7 +392,7 @@ def test_nearest_allocation_keeps_the_sample_budget_and_refines_the_nearest(meth
     out = {}
     for al in ("uniform", "nearest"):
         oracle = TorchOracle(linear_teacher, SHAPE, K)
-        s = RobustnessSettings(method=method, budget=500, checkpoints=(), chunk_size=4, allocation=al, top_k=1)
+        s = RobustnessSettings(method=method, queries_per_pair=500, checkpoints=(), chunk_size=4, allocation=al, top_k=1)
         res = compute_robustness(oracle, xs, s, pool=pool, progress=False)
         # the sample's total (K - 1) * budget is never exceeded, and every query is accounted for
         assert int(res.queries.sum(1).max()) <= (K - 1) * 500
@@ -419,49 +419,80 @@ def test_nearest_allocation_needs_an_iterative_method():
         RobustnessSettings(method="bd", allocation="nearest")
 
 
+def _wait_for(path, worker, tries=600):
+    """Poll (bounded) until ``path`` exists while ``worker`` still runs."""
+    for _ in range(tries):
+        if path.exists() or not worker.is_alive():
+            return
+        worker.join(0.05)
+
+
 def test_workers_share_a_work_dir_through_chunk_locks(tmp_path, linear_teacher, linear_data):
     import shutil
-    import socket
-    import subprocess
     import threading
+
+    from conftest import LockHolder
 
     xs = _samples(6)
     pool = CandidatePool(*linear_data)
-    s = RobustnessSettings(method="hsja", budget=200, checkpoints=(100, 200), chunk_size=2, seed=1)
+    s = RobustnessSettings(method="hsja", queries_per_pair=200, checkpoints=(100, 200), chunk_size=2, seed=1)
     ref_dir = tmp_path / "ref"
     full = compute_robustness(TorchOracle(linear_teacher, SHAPE, K), xs, s, pool=pool, work_dir=ref_dir,
                               progress=False)
     parts = tmp_path / "parts"
     parts.mkdir()
-    # chunk 0: lock left by a dead process (kill -9): taken over
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (parts / "chunk-00000.safetensors.lock").write_text(f"{dead.pid} {socket.gethostname()}")
-    # chunk 1: held by a live worker: skipped, then picked up once that worker writes it
-    live = subprocess.Popen(["sleep", "60"])
-    (parts / "chunk-00001.safetensors.lock").write_text(f"{live.pid} {socket.gethostname()}")
+    # chunk 0: an empty lock file, as a process killed right after creating it leaves: no claim at all
+    (parts / "chunk-00000.lock").write_text("")
+    # chunk 1: held by a live worker: skipped, then read once that worker has written it
+    holder = LockHolder(parts / "chunk-00001.lock")
     oracle = TorchOracle(linear_teacher, SHAPE, K)
     out = {}
     worker = threading.Thread(target=lambda: out.update(r=compute_robustness(oracle, xs, s, pool=pool,
                                                                              work_dir=parts, progress=False)))
     try:
         worker.start()
-        for _ in range(200):  # wait until chunks 0 and 2 are done and chunk 1 is awaited
-            if (parts / "chunk-00002.safetensors").exists() and (parts / "chunk-00000.safetensors").exists():
-                break
-            worker.join(0.05)
+        _wait_for(parts / "chunk-00002.safetensors", worker)
         assert worker.is_alive() and not (parts / "chunk-00001.safetensors").exists()
-        # the other worker finishes: writes the chunk, removes its lock
+        assert (parts / "chunk-00000.safetensors").exists()
+        # the other worker finishes: writes the chunk, releases its lock
         shutil.copy(ref_dir / "chunk-00001.safetensors", parts / "chunk-00001.safetensors")
-        (parts / "chunk-00001.safetensors.lock").unlink()
-        worker.join(30)
+        holder.release()
+        worker.join(60)
         assert not worker.is_alive()
     finally:
-        live.kill()
+        holder.release()
     res = out["r"]
     torch.testing.assert_close(res.distances, full.distances, rtol=0, atol=0, equal_nan=True)
     assert oracle.queries == full.total_queries - (int(full.queries[2:4].sum()) + 2)  # chunk 1 not recomputed
-    assert not list(parts.glob("*.lock"))
+
+
+def test_a_claim_whose_holder_dies_is_taken_over(tmp_path, linear_teacher, linear_data):
+    """A worker killed (kill -9) while holding a chunk: the kernel drops its lock and the
+    waiting worker computes the chunk itself; no stale claim can make a run hang."""
+    import threading
+
+    from conftest import LockHolder
+
+    xs = _samples(4)
+    s = RobustnessSettings(method="hsja", queries_per_pair=150, checkpoints=(150,), chunk_size=2, seed=3)
+    full = compute_robustness(TorchOracle(linear_teacher, SHAPE, K), xs, s, pool=CandidatePool(*linear_data),
+                              progress=False)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    holder = LockHolder(parts / "chunk-00001.lock")
+    oracle = TorchOracle(linear_teacher, SHAPE, K)
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(r=compute_robustness(
+        oracle, xs, s, pool=CandidatePool(*linear_data), work_dir=parts, progress=False)))
+    worker.start()
+    _wait_for(parts / "chunk-00000.safetensors", worker)
+    assert worker.is_alive()
+    holder.proc.kill()  # dies without writing its chunk
+    holder.proc.wait()
+    worker.join(60)
+    assert not worker.is_alive()
+    torch.testing.assert_close(out["r"].distances, full.distances, rtol=0, atol=0, equal_nan=True)
+    assert oracle.queries == full.total_queries
 
 
 def test_saved_result_records_its_environment(tmp_path):
@@ -479,59 +510,51 @@ def test_a_waiting_worker_loads_the_result_another_worker_saved(tmp_path, linear
     chunks while the other still waits for one of them: that one returns the saved result
     instead of failing."""
     import shutil
-    import socket
-    import subprocess
     import threading
 
-    from zsdb3kd.robustness.engine import WorkDirectoryRemoved, compute_to_file
+    from conftest import LockHolder
+
+    from zsdb3kd.parallel import WorkDirectoryRemoved
+    from zsdb3kd.robustness import compute_to_file
 
     xs = _samples(4)
     pool = CandidatePool(*linear_data)
-    s = RobustnessSettings(method="hsja", budget=150, checkpoints=(150,), chunk_size=2, seed=3)
+    s = RobustnessSettings(method="hsja", queries_per_pair=150, checkpoints=(150,), chunk_size=2, seed=3)
     full = compute_to_file(tmp_path / "ref.safetensors", TorchOracle(linear_teacher, SHAPE, K), xs, s, pool=pool,
                            progress=False)
     assert not (tmp_path / "ref.safetensors.parts").exists()  # chunks removed once the result is saved
     out = tmp_path / "r.safetensors"
     parts = tmp_path / "r.safetensors.parts"
-    parts.mkdir()
-    live = subprocess.Popen(["sleep", "60"])  # the other worker, busy with chunk 1
-    (parts / "chunk-00001.safetensors.lock").write_text(f"{live.pid} {socket.gethostname()}")
     oracle = TorchOracle(linear_teacher, SHAPE, K)
     got = {}
 
     def work():
+        got.clear()
         try:
             got["r"] = compute_to_file(out, oracle, xs, s, pool=pool, progress=False)
-        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+        except Exception as e:  # noqa: BLE001 - reported by the assertions below
             got["e"] = e
 
-    worker = threading.Thread(target=work)
-    try:
-        worker.start()
-        for _ in range(200):
-            if (parts / "chunk-00000.safetensors").exists():
-                break
-            worker.join(0.05)
-        assert worker.is_alive()
-        # the other worker finishes: saves the result, removes the work directory
-        shutil.copy(tmp_path / "ref.safetensors", out)
-        shutil.rmtree(parts)
-        worker.join(30)
-        assert not worker.is_alive()
-    finally:
-        live.kill()
-    assert "e" not in got, got.get("e")
-    torch.testing.assert_close(got["r"].distances, full.distances, rtol=0, atol=0, equal_nan=True)
-    # without a saved result, a vanished work directory is still an error
-    parts.mkdir()
-    (parts / "chunk-00001.safetensors.lock").write_text(f"{os.getppid()} {socket.gethostname()}")
-    out.unlink()
-    worker = threading.Thread(target=work)
-    worker.start()
-    for _ in range(200):
-        if (parts / "chunk-00000.safetensors").exists():
-            break
-        worker.join(0.05)
-    shutil.rmtree(parts)
-    worker.join(30)
-    assert isinstance(got.get("e"), WorkDirectoryRemoved)
+    for saved in (True, False):
+        parts.mkdir()
+        holder = LockHolder(parts / "chunk-00001.lock")  # the other worker, busy with chunk 1
+        worker = threading.Thread(target=work)
+        try:
+            worker.start()
+            _wait_for(parts / "chunk-00000.safetensors", worker)
+            assert worker.is_alive()
+            # the other worker finishes: saves the result (or not), removes the work directory
+            if saved:
+                shutil.copy(tmp_path / "ref.safetensors", out)
+            shutil.rmtree(parts)
+            holder.release()
+            worker.join(60)
+            assert not worker.is_alive()
+        finally:
+            holder.release()
+        if saved:
+            assert "e" not in got, got.get("e")
+            torch.testing.assert_close(got["r"].distances, full.distances, rtol=0, atol=0, equal_nan=True)
+            out.unlink()
+        else:  # without a saved result, a vanished work directory is still an error
+            assert isinstance(got.get("e"), WorkDirectoryRemoved)

@@ -46,7 +46,7 @@ def _labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # small, fast settings for the 1x8x8 teacher
-SMALL = dict(per_class=4, iterations=3, snapshots=(0, 1, 3, 7), search_budget=60, search_k=10, search_dirs=2,
+SMALL = dict(per_class=4, iterations=3, snapshots=(0, 1, 3, 7), queries_per_search=60, search_k=10, search_dirs=2,
              noise_batch=64, noise="mixed")
 
 
@@ -106,12 +106,12 @@ def test_draw_noise_rejects_unknown_kind():
     dict(per_class=-3),
     dict(iterations=-1),
     dict(step=0.0),
-    dict(search_budget=40, search_k=40),  # must exceed search_k
-    dict(search_budget=10, search_k=40),
+    dict(queries_per_search=40, search_k=40),  # must exceed search_k
+    dict(queries_per_search=10, search_k=40),
     dict(noise="gaussian"),
     dict(search="random"),
     dict(noise_batch=0),
-    dict(noise_budget=0),
+    dict(noise_queries=0),
 ])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(ValueError):
@@ -122,7 +122,7 @@ def test_settings_key_tracks_every_field():
     base = SynthesisSettings(**SMALL)
     assert base.key() == SynthesisSettings(**SMALL).key()
     assert base.key() != SynthesisSettings(**{**SMALL, "seed": 1}).key()
-    assert base.key() != SynthesisSettings(**{**SMALL, "search_budget": 61}).key()
+    assert base.key() != SynthesisSettings(**{**SMALL, "queries_per_search": 61}).key()
     assert base.key() != SynthesisSettings(**{**SMALL, "noise": "paper"}).key()
 
 
@@ -148,14 +148,14 @@ class RecordingOracle(FunctionOracle):
 def test_sample_class_noise_keeps_first_hits_of_every_class():
     teacher = LinearTeacher()
     oracle = RecordingOracle(lambda x: _labels(teacher, x), SHAPE, K)
-    s = SynthesisSettings(per_class=5, noise_batch=16, noise="mixed", noise_budget=10_000)
+    s = SynthesisSettings(per_class=5, noise_batch=16, noise="mixed", noise_queries=10_000)
     x, y = sample_class_noise(oracle, s, progress=False)
     assert x.shape == (K * 5, *SHAPE) and y.shape == (K * 5,)
     assert torch.equal(y, torch.arange(K).repeat_interleave(5))  # sorted by class, per_class each
     assert torch.equal(_labels(teacher, x), y)  # the teacher really calls each sample its class
     assert float(x.min()) >= 0 and float(x.max()) <= 1
     # every query went through the oracle, nothing else: its count is the sum of the batches
-    assert oracle.queries == sum(len(b) for b, _ in oracle.asked) <= s.noise_budget
+    assert oracle.queries == sum(len(b) for b, _ in oracle.asked) <= s.noise_queries
     assert all(len(b) <= s.noise_batch for b, _ in oracle.asked)
     # the kept samples are the first ``per_class`` ones labelled c, in query order
     all_x = torch.cat([b for b, _ in oracle.asked])
@@ -174,18 +174,18 @@ def test_sample_class_noise_keeps_first_hits_of_every_class():
 def test_sample_class_noise_within_budget(shape):
     teacher = LinearTeacher() if shape == SHAPE else LinearTeacher3()
     oracle = TorchOracle(teacher, shape, K)
-    s = SynthesisSettings(per_class=3, noise_batch=50, noise_budget=2000, noise="smooth")
+    s = SynthesisSettings(per_class=3, noise_batch=50, noise_queries=2000, noise="smooth")
     x, y = sample_class_noise(oracle, s, progress=False)
     assert x.shape == (K * 3, *shape)
     assert torch.equal(_labels(teacher, x), y)
-    assert 0 < oracle.queries <= s.noise_budget
+    assert 0 < oracle.queries <= s.noise_queries
 
 
 def test_class_never_answered_is_an_error_with_counts():
     teacher = LinearTeacher()
     # a teacher that never answers class 3
     oracle = FunctionOracle(lambda x: _labels(teacher, x).clamp(max=2), SHAPE, K)
-    s = SynthesisSettings(per_class=2, noise_batch=64, noise_budget=500)  # 500 is not a multiple of 64
+    s = SynthesisSettings(per_class=2, noise_batch=64, noise_queries=500)  # 500 is not a multiple of 64
     with pytest.raises(SynthesisError) as e:
         sample_class_noise(oracle, s, progress=False)
     assert oracle.queries == 500  # the whole budget and not one query more
@@ -256,13 +256,13 @@ def test_synthesize_pushes_away_from_the_boundary(small_run):
 
 def test_untargeted_search_finds_real_boundary_points():
     teacher = LinearTeacher()
-    s = SynthesisSettings(**{**SMALL, "search_dirs": 4, "search_budget": 100})
+    s = SynthesisSettings(**{**SMALL, "search_dirs": 4, "queries_per_search": 100})
     x, y = sample_class_noise(TorchOracle(teacher, SHAPE, K), s, progress=False)
     oracle = TorchOracle(teacher, SHAPE, K)
     theta, lam, best, q = untargeted_search(oracle, x, y, s, torch.Generator().manual_seed(0))
     N = len(y)
     assert theta.shape == (N, x[0].numel()) and lam.shape == best.shape == q.shape == (N,)
-    assert int(q.max()) <= s.search_budget * s.first_budget_factor  # round 0 budget (no warm start)
+    assert int(q.max()) <= s.queries_per_search * s.first_round_factor  # round 0 budget (no warm start)
     assert int(q.sum()) == oracle.queries
     found = torch.isfinite(best)
     assert float(found.float().mean()) >= 0.75
@@ -311,10 +311,10 @@ def test_synthesize_provenance_counts_every_query(small_run):
     assert prov["n"] == K * s.per_class
     assert prov["settings"]["seed"] == s.seed
     N = K * s.per_class
-    # per round: one search per sample (round 0 with first_budget_factor x the budget), <= max_halvings + 1
+    # per round: one search per sample (round 0 with first_round_factor x the budget), <= max_halvings + 1
     # label checks per sample; plus the final measurement
-    rounds = s.first_budget_factor + (s.iterations - 1) + 1
-    assert prov["queries_push"] <= N * (s.search_budget * rounds + (s.max_halvings + 1) * s.iterations)
+    rounds = s.first_round_factor + (s.iterations - 1) + 1
+    assert prov["queries_push"] <= N * (s.queries_per_search * rounds + (s.max_halvings + 1) * s.iterations)
 
 
 def test_pseudo_samples_save_load_roundtrip(small_run, tmp_path):
@@ -333,7 +333,7 @@ def test_pseudo_samples_save_load_roundtrip(small_run, tmp_path):
 def test_synthesize_3x32x32():
     teacher = LinearTeacher3()
     oracle = TorchOracle(teacher, SHAPE3, K)
-    s = SynthesisSettings(per_class=2, iterations=2, snapshots=(0, 2), search_budget=60, search_k=10,
+    s = SynthesisSettings(per_class=2, iterations=2, snapshots=(0, 2), queries_per_search=60, search_k=10,
                           search_dirs=2, noise_batch=64, noise="smooth")
     p = synthesize(oracle, s, progress=False)
     assert p.x.shape == (K * 2, *SHAPE3)
@@ -363,7 +363,7 @@ def test_synthesize_zero_iterations():
 # resume
 # ---------------------------------------------------------------------------------------
 
-RESUME = dict(per_class=3, iterations=4, snapshots=(0, 2, 4), search_budget=50, search_k=10, search_dirs=2,
+RESUME = dict(per_class=3, iterations=4, snapshots=(0, 2, 4), queries_per_search=50, search_k=10, search_dirs=2,
               noise_batch=64, noise="mixed", seed=3)
 
 
@@ -426,7 +426,7 @@ def test_work_dir_of_other_settings_is_refused(tmp_path):
     synthesize(TorchOracle(LinearTeacher(), SHAPE, K), s, work_dir=work, progress=False)
     other = SynthesisSettings(**{**RESUME, "iterations": 1, "seed": 4})
     oracle = TorchOracle(LinearTeacher(), SHAPE, K)
-    with pytest.raises(ValueError, match="different synthesis"):
+    with pytest.raises(ValueError, match="synthesis state of a different run"):
         synthesize(oracle, other, work_dir=work, progress=False)
     assert oracle.queries == 0  # refused before any query
     # the same settings are still accepted
@@ -461,13 +461,13 @@ def test_label_random_images_labels_what_the_teacher_sees_and_resumes(tmp_path):
     x, y = label_random_images(oracle, "smooth", 230, seed=1, chunk=100, work_dir=tmp_path, progress=False)
     assert oracle.queries == 230  # one query per image, nothing else
     assert torch.equal(y, _labels(teacher, x.float() / 255))
-    assert len(list(tmp_path.glob("labels_*.safetensors"))) == 3
+    assert len(list(tmp_path.glob("chunk-*.safetensors"))) == 3
     # a rerun (e.g. after an interruption) asks the teacher nothing and returns the same set
     again = TorchOracle(teacher, SHAPE, K)
     x2, y2 = label_random_images(again, "smooth", 230, seed=1, chunk=100, work_dir=tmp_path, progress=False)
     assert again.queries == 0 and torch.equal(x, x2) and torch.equal(y, y2)
     # a lost chunk is asked again, and only that chunk
-    sorted(tmp_path.glob("labels_*.safetensors"))[1].unlink()
+    sorted(tmp_path.glob("chunk-*.safetensors"))[1].unlink()
     third = TorchOracle(teacher, SHAPE, K)
     _, y3 = label_random_images(third, "smooth", 230, seed=1, chunk=100, work_dir=tmp_path, progress=False)
     assert third.queries == 100 and torch.equal(y, y3)

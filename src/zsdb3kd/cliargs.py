@@ -42,7 +42,9 @@ def _describe(ann: Any) -> str:
         return "K=V,..."
     if origin is Literal:
         return "{" + ",".join(map(str, typing.get_args(ann))) + "}"
-    return getattr(ann, "__name__", "VALUE").upper()
+    if origin in (typing.Union, types.UnionType):
+        return "NUMBER"
+    return {"str": "TEXT"}.get(getattr(ann, "__name__", ""), getattr(ann, "__name__", "VALUE").upper())
 
 
 def _parse(text: str, ann: Any) -> Any:
@@ -86,10 +88,10 @@ class SettingsFlags:
         unknown = set(names) - set(cls.model_fields)
         if unknown:
             raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
-        self.fields = [n for n in names if n not in set(exclude)]
+        self.required = set(required)
+        self.fields = sorted((n for n in names if n not in set(exclude)), key=lambda n: n not in self.required)
         self.flags = {n: (rename or {}).get(n, "--" + n.replace("_", "-")) for n in self.fields}
         self.title = title or cls.__doc__.strip().splitlines()[0].rstrip(".") if cls.__doc__ else cls.__name__
-        self.required = set(required)
 
     def dest(self, name: str) -> str:
         return f"{self.cls.__name__}__{name}"
@@ -108,6 +110,10 @@ class SettingsFlags:
                 shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
                 help_text += f" (default: {shown})"
             kw: dict[str, Any] = {"dest": self.dest(name), "default": argparse.SUPPRESS, "help": help_text.strip()}
+            if not self.flags[name].startswith("-"):  # a positional argument, shown by its name
+                group.add_argument(self.dest(name), metavar=self.flags[name], help=kw["help"],
+                                   type=lambda text, ann=ann: _parse(text, ann))
+                continue
             if base is bool:
                 group.add_argument(self.flags[name], action=argparse.BooleanOptionalAction, **kw)
                 continue

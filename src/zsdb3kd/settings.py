@@ -14,9 +14,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from typing import Any, Mapping, TypeVar
+import re
+from typing import Annotated, Any, Mapping, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 S = TypeVar("S", bound="Settings")
 
@@ -60,6 +61,11 @@ def validate(cls: type[S], raw: Mapping[str, Any] | S, where: str = "", flags: M
         raise ConfigError(describe_errors(cls, e, where, flags)) from None
 
 
+#: keys of earlier versions and their new names (budgets got one vocabulary)
+RENAMED = {"budget": "queries_per_pair", "search_budget": "queries_per_search", "noise_budget": "noise_queries",
+           "first_budget_factor": "first_round_factor", "options": "method specs such as 'mbd:k=100' in methods"}
+
+
 def describe_errors(cls: type[BaseModel], error: ValidationError, where: str = "",
                     flags: Mapping[str, str] | None = None) -> str:
     """One readable line per problem in ``error`` (at most five)."""
@@ -67,19 +73,23 @@ def describe_errors(cls: type[BaseModel], error: ValidationError, where: str = "
     for err in error.errors()[:5]:
         loc = [str(p) for p in err["loc"]]
         top = loc[0] if loc else ""
-        name = flags.get(top) if flags and top in flags else ".".join(loc) or cls.__name__
-        prefix = f"{where} {name}".strip()
+        name = flags.get(top) if flags and top in flags else ".".join(loc)
+        prefix = f"{where} {name}".strip() or cls.__name__
         value = err.get("input")
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and loc[-1] in RENAMED:
+            lines.append(f"{prefix}: renamed to {RENAMED[loc[-1]]!r}")
+        elif err["type"] == "extra_forbidden":
             known = _field_names(cls, loc[:-1])
             close = difflib.get_close_matches(loc[-1], known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
             lines.append(f"{prefix}: unknown key{hint}")
+        elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            lines.append(f"{prefix}: must be a table of settings ([{name}] in TOML), got {value!r}")
         elif err["type"] == "missing":
             lines.append(f"{prefix}: required, not given")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{prefix}: {msg} (got {value!r})")
+            lines.append(f"{prefix}: {msg}" + (f" (got {value!r})" if loc else ""))
     more = len(error.errors()) - len(lines)
     return "; ".join(lines) + (f"; and {more} more" if more > 0 else "")
 
@@ -98,3 +108,23 @@ def _field_names(cls: type[BaseModel], path: list[str]) -> list[str]:
 def defaults(cls: type[S]) -> S:
     """``cls`` with every default."""
     return cls()
+
+
+def check_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``, and available here (no traceback from deep inside torch later)."""
+    if device == "cpu":
+        return device
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError("must be cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("CUDA is not available here (a CPU-only PyTorch build or no GPU); use cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+#: a device string validated by :func:`check_device`
+Device = Annotated[str, AfterValidator(check_device)]

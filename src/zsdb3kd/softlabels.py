@@ -1,4 +1,4 @@
-"""Soft labels from boundary distances (arXiv 2106.03310, section 3.3; METHOD.md section 3).
+"""Soft labels from boundary distances (arXiv 2106.03310, section 3.3; docs/method.md).
 
 A sample close to class ``t``'s boundary resembles ``t``, so distances become logits
 
@@ -48,3 +48,26 @@ def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if not temperature > 0:  # also rejects nan
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return torch.softmax(logits / temperature, dim=1)
+
+
+FORMAT = "zsdb3kd-soft-labels"
+
+
+def save_soft_labels(path, logits: torch.Tensor, indices: torch.Tensor, teacher_labels: torch.Tensor,
+                     temperature: float, provenance: dict | None = None):
+    """Write soft labels for external use or ``zsdb3kd distill --soft-labels``: ``logits`` and
+    ``soft`` (``softmax(logits / T)``) ``(N, K)``, ``indices`` ``(N,)`` into the source set and
+    the teacher's ``teacher_labels`` ``(N,)``."""
+    from .store import save_tagged
+
+    prov = {"temperature": temperature, **(provenance or {})}
+    return save_tagged(path, {"logits": logits, "soft": soft_targets(logits, temperature), "indices": indices,
+                              "teacher_labels": teacher_labels}, FORMAT, prov)
+
+
+def load_soft_labels(path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """``(logits, indices, teacher_labels, provenance)`` of a file written by :func:`save_soft_labels`."""
+    from .store import load_tagged
+
+    t, prov = load_tagged(path, FORMAT, "soft-label")
+    return t["logits"], t["indices"], t["teacher_labels"], prov

@@ -21,11 +21,9 @@ def is_url(spec: str | os.PathLike) -> bool:
     return isinstance(spec, str) and spec.lower().startswith(("http://", "https://"))
 
 
-class TeacherSpec(Settings):
-    """Teacher: which black box to query and how to read it."""
+class TeacherReading(Settings):
+    """Teacher: how to read the black box (everything but where it is)."""
 
-    path: str = Field(description="teacher weights (.safetensors, or a plain state-dict .pt with --arch, "
-                                  "--input-shape, --num-classes), .onnx, or the http(s):// URL of a label server")
     arch: str | None = Field(None, description="architecture of a plain state-dict teacher (see list-models)")
     input_shape: tuple[int, int, int] | None = Field(
         None, description="C,H,W of one image: for a plain state dict, or an ONNX model whose input is flat (N, D)")
@@ -39,6 +37,17 @@ class TeacherSpec(Settings):
     max_batch: int = Field(256, ge=1, description="images sent to the teacher at once")
     query_log: str | None = Field(None, description="append-only log of answered queries: a rerun answers "
                                                     "logged images from it instead of paying again")
+
+    def spec(self, path: str | os.PathLike) -> "TeacherSpec":
+        """The full spec for the teacher at ``path``."""
+        return TeacherSpec(path=str(path), **{k: getattr(self, k) for k in TeacherReading.model_fields})
+
+
+class TeacherSpec(TeacherReading):
+    """Teacher: which black box to query and how to read it."""
+
+    path: str = Field(description="teacher weights (.safetensors, or a plain state-dict .pt with --arch, "
+                                  "--input-shape, --num-classes), .onnx, or the http(s):// URL of a label server")
 
     @field_validator("path")
     @classmethod

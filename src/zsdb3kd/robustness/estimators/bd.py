@@ -1,0 +1,139 @@
+"""BD, boundary distance: bisection along directions to target-class samples (arXiv 2106.03310)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..search import Estimator, SearchResult, unit
+from . import ESTIMATORS
+
+
+class BoundaryDistance(Estimator):
+    """BD: for each of ``n`` directions, bisect the step at which the criterion is met.
+
+    Directions point to pool samples of the target class (targeted) or are random
+    Gaussian (``random=True``, or when no pool is given: untargeted search). One query at
+    the current best step first tells whether a direction can improve; only then is it
+    bisected, down to ``tol`` (absolute, in L2 units). The candidate's own end point is
+    verified too, so a pool sample the teacher does not label ``target`` is skipped.
+    Every problem sends one query per engine step, so batches stay full.
+    """
+
+    name = "bd"
+
+    def __init__(self, n: int = 201, tol: float = 1e-5, random: bool = False, warm: torch.Tensor | None = None,
+                 warm_len: torch.Tensor | None = None) -> None:
+        if n < 1 or tol <= 0:
+            raise ValueError(f"need n >= 1 and tol > 0, got n={n}, tol={tol}")
+        self.n, self.tol, self.random = n, tol, random
+        #: optional ``(P, D)`` directions tried first (e.g. last iteration's best), then ``n - 1`` others,
+        #: with optional ``(P,)`` steps known to reach the criterion (default: the box diameter)
+        self.warm, self.warm_len = warm, warm_len
+
+    def __repr__(self) -> str:
+        return f"BoundaryDistance(n={self.n}, tol={self.tol}, random={self.random}, warm={self.warm is not None})"
+
+    def _run(self, tracker, pool, generator):
+        tr = tracker
+        P, D = tr.flat0.shape
+        dev = tr.device
+        use_random = self.random or pool is None
+        max_len = math.sqrt(D) * (tr.upper - tr.lower)  # box diameter
+        cand = None if use_random else pool.draw(tr.target, self.n, generator)
+        if use_random:
+            # one Gaussian direction per (problem, j), drawn lazily per j to bound memory
+            seeds = torch.randint(0, 2**62, (self.n,), generator=generator).tolist()
+
+        warm = self.warm
+        if warm is not None and warm.shape != (P, D):
+            raise ValueError(f"warm directions must have shape ({P}, {D}), got {tuple(warm.shape)}")
+
+        def load(ids: torch.Tensor, jj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if warm is not None:
+                first = jj == 0
+                theta, length = load_other(ids, (jj - 1).clamp_min(0))
+                w, _ = unit(warm[ids].to(dev))
+                theta = torch.where(first[:, None], w, theta)
+                wl = torch.full_like(length, max_len) if self.warm_len is None else self.warm_len[ids].to(dev)
+                wl = torch.where(torch.isfinite(wl), wl * (1 + 1e-4), torch.full_like(wl, max_len))
+                length = torch.where(first, wl, length)
+                return theta, length
+            return load_other(ids, jj)
+
+        def load_other(ids: torch.Tensor, jj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if use_random:
+                out = torch.empty(ids.numel(), D, device=dev)
+                for j in torch.unique(jj).tolist():
+                    rows = torch.nonzero(jj == j).squeeze(1)
+                    g = torch.Generator(device="cpu").manual_seed(seeds[j])
+                    full = torch.randn(P, D, generator=g).to(dev)
+                    out[rows] = full[ids[rows]]
+                theta, _ = unit(out)
+                return theta, torch.full((ids.numel(),), max_len, device=dev)
+            c = cand[ids, jj]
+            theta, dist = unit(pool.flat[c.clamp_min(0)] - tr.flat0[ids])
+            dist = torch.where((c >= 0) & (dist > 1e-8), dist, torch.full_like(dist, float("inf")))
+            return theta, dist
+
+        best_lam = torch.full((P,), float("inf"), device=dev)
+        best_theta = torch.zeros(P, D, device=dev)
+        j = torch.zeros(P, dtype=torch.long, device=dev)
+        bisecting = torch.zeros(P, dtype=torch.bool, device=dev)
+        lo = torch.zeros(P, device=dev)
+        hi = torch.zeros(P, device=dev)
+        theta = torch.zeros(P, D, device=dev)
+        length = torch.zeros(P, device=dev)
+        reload = torch.ones(P, dtype=torch.bool, device=dev)
+        for _ in range(self.n * 80 + 10):  # hard cap; the budget normally ends it first
+            live = (j < self.n) & (tr.remaining() > 0)
+            reload &= live
+            if bool(reload.any()):
+                ids = torch.nonzero(reload).squeeze(1)
+                theta[ids], length[ids] = load(ids, j[ids])
+                reload[:] = False
+            # directions with no usable end point are skipped without a query
+            skip = live & ~bisecting & ~torch.isfinite(length)
+            if bool(skip.any()):
+                j[skip] += 1
+                reload |= skip
+                continue
+            if not bool(live.any()):
+                break
+            ids = torch.nonzero(live).squeeze(1)
+            checking = ~bisecting[ids]
+            lam = torch.where(checking, torch.minimum(best_lam[ids], length[ids]), (lo[ids] + hi[ids]) / 2)
+            adv = tr.query(ids, tr.x0[ids] + (lam[:, None] * theta[ids]).view_as(tr.x0[ids]))
+            # check step: adversarial -> start bisecting [0, lam]; else next direction
+            start = checking & adv
+            nxt = checking & ~adv
+            lo[ids[start]] = 0.0
+            hi[ids[start]] = lam[start]
+            bisecting[ids[start]] = True
+            # bisection step
+            bis = ~checking
+            hi[ids[bis & adv]] = lam[bis & adv]
+            lo[ids[bis & ~adv]] = lam[bis & ~adv]
+            fin_rows = ids[bisecting[ids] & ((hi[ids] - lo[ids]) <= self.tol)]
+            if fin_rows.numel():
+                better = hi[fin_rows] < best_lam[fin_rows]
+                upd = fin_rows[better & bisecting[fin_rows]]
+                best_lam[upd] = hi[upd]
+                best_theta[upd] = theta[upd]
+                bisecting[fin_rows] = False
+            done_dir = torch.cat([ids[nxt], fin_rows])
+            j[done_dir] += 1
+            reload[done_dir] = True
+        # a bisection cut short by the budget still holds a verified adversarial hi
+        cut = bisecting & (hi < best_lam)
+        best_lam[cut] = hi[cut]
+        best_theta[cut] = theta[cut]
+        return SearchResult(best_theta, best_lam)
+
+
+
+@ESTIMATORS.register("bd")
+def bd(n: int = 201, tol: float = 1e-5, random: bool = False) -> BoundaryDistance:
+    """The released settings: 201 directions, bisection to 1e-5."""
+    return BoundaryDistance(n=n, tol=tol, random=random)
