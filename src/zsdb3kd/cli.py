@@ -17,6 +17,7 @@ from typing import Sequence
 from .cliargs import SettingsFlags
 from .data import DataSettings
 from .distill import TrainSettings
+from .experiment.config import TeacherSection
 from .oracle import TeacherSpec
 from .robustness import RobustnessSettings
 from .settings import Device, Settings
@@ -41,7 +42,8 @@ COMMON = SettingsFlags(Common)
 ROBUSTNESS = SettingsFlags(RobustnessSettings, exclude=["seed"])
 SYNTHESIS = SettingsFlags(SynthesisSettings, exclude=["seed"])
 TRAIN = SettingsFlags(TrainSettings)
-TEACHER_TRAIN = SettingsFlags(TrainSettings, only=["epochs", "batch_size", "lr", "weight_decay", "augment"])
+TEACHER_TRAIN = SettingsFlags(TeacherSection, only=["arch", "epochs", "batch_size", "lr", "weight_decay", "augment"],
+                              title="Teacher training")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "train-teacher", "train a registry model with cross-entropy on real labelled data")
     DATA.add(p), COMMON.add(p), TEACHER_TRAIN.add(p)
-    _extra(p, ("--arch", {"default": "lenet5", "help": "architecture (see list-models)"}), _OUT, _PROGRESS)
+    _extra(p, _OUT, _PROGRESS)
 
     p = _add(sub, "robustness", "boundary distances of samples to every other class (soft labels)")
     TEACHER.add(p), DATA.add(p), COMMON.add(p), ROBUSTNESS.add(p)
@@ -256,12 +258,13 @@ def _cmd_train_teacher(args) -> int:
     from .experiment import train_teacher
     from .experiment.stages import check_buildable
 
-    data, common = DATA.build(args), COMMON.build(args)
+    data, common, teacher = DATA.build(args), COMMON.build(args), TEACHER_TRAIN.build(args)
     splits = data.splits(common.seed)
-    check_buildable(args.arch, splits.train.shape, len(splits.train.classes), "architecture")
-    m = train_teacher(splits, args.arch, args.out, TEACHER_TRAIN.build(args), seed=common.seed, device=common.device,
+    check_buildable(teacher.arch, splits.train.shape, len(splits.train.classes), "architecture")
+    train = TrainSettings(**teacher.model_dump(include=set(TrainSettings.model_fields)))
+    m = train_teacher(splits, teacher.arch, args.out, train, seed=common.seed, device=common.device,
                       progress=_progress(args))
-    print(f"{args.arch}: val {m['val_acc']:.2f}%  test {m['test_acc']:.2f}%  -> {args.out}")
+    print(f"{teacher.arch}: val {m['val_acc']:.2f}%  test {m['test_acc']:.2f}%  -> {args.out}")
     return 0
 
 

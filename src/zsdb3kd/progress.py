@@ -40,7 +40,7 @@ class QueryProgress:
             if now - self._last >= 0.5:
                 self._last = now
                 left = ""
-                if self.max_queries:
+                if self.max_queries and self.done < self.total:
                     left = f", ETA <= {max(self.max_queries - self.n_queries, 0) / self.rate:.0f}s"
                 self._bar.set_postfix_str(f"{self.rate:,.0f} q/s, {self.n_queries:,} queries{left}", refresh=True)
         elif now - self._last >= self.log_every > 0:
@@ -59,7 +59,9 @@ class QueryProgress:
         self._last = now
         elapsed = now - self.t0
         done_here = self.done - self.initial
-        if self.max_queries and self.n_queries:
+        if self.done >= self.total:
+            eta = "done"
+        elif self.max_queries and self.n_queries:
             eta = f"ETA <= {max(self.max_queries - self.n_queries, 0) / self.rate:.0f}s"
         elif done_here > 0:
             eta = f"ETA {elapsed / done_here * (self.total - self.done):.0f}s"

@@ -35,14 +35,18 @@ __all__ = ["atomic_write", "content_key", "derive_seed", "environment", "load_ta
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``.
 
-    Parent directories are created. The temporary file is created by whatever writes to
-    it, so it gets the user's umask (no ``mkstemp`` 0600). On any exception it is removed
-    and ``path`` is left as it was."""
+    Parent directories are created. The temporary file is created here with mode 0666
+    minus the user's umask, and given that mode again once written (safetensors writes its
+    files 0600 whatever the umask). On any exception it is removed and ``path`` is left as
+    it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = tmp.stat().st_mode & 0o777  # 0666 minus the umask, read without changing the process umask
     try:
         yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,7 +22,6 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .models import MODELS, InputShape, ShapeLike, create_model, parse_input_shape
+from .store import atomic_write
 
 __all__ = [
     "FORMAT_TAG",
@@ -149,17 +149,9 @@ def save_weights(
         "input_shape": ",".join(str(d) for d in shape),
         **extra,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; weights are not secrets
-        save_file(tensors, tmp_name, metadata=metadata)
-        _canonicalise_metadata_order(Path(tmp_name))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp:  # created with the user's umask, like every other output
+        save_file(tensors, str(tmp), metadata=metadata)
+        _canonicalise_metadata_order(tmp)
     return path
 
 

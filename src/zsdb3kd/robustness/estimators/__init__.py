@@ -17,10 +17,8 @@ import json
 import pkgutil
 from typing import Any
 
-from ...registry import Registry
 from ..search import Estimator
-
-ESTIMATORS: Registry[Estimator] = Registry("estimator")
+from .registry import ESTIMATORS
 
 
 _WORDS = {"None": None, "none": None, "null": None, "True": True, "true": True, "False": False, "false": False}
@@ -71,7 +69,7 @@ def create_estimator(spec: str | Estimator, **options: Any) -> Estimator:
         raise ValueError(f"invalid options {({**opts, **options})} for method {name!r}: {e}") from None
 
 
-for _mod in pkgutil.iter_modules(__path__):
+for _mod in pkgutil.iter_modules(__path__):  # every estimator module registers its factories on import
     importlib.import_module(f"{__name__}.{_mod.name}")
 
 from .bd import BoundaryDistance  # noqa: E402

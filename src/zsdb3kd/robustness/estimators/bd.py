@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..search import Estimator, SearchResult, unit
-from . import ESTIMATORS
+from .registry import ESTIMATORS
 
 
 class BoundaryDistance(Estimator):

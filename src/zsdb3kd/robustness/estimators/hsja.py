@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..search import MAX_ELEMS, Estimator, SearchResult, unit
-from . import ESTIMATORS
+from .registry import ESTIMATORS
 from .bd import BoundaryDistance
 
 

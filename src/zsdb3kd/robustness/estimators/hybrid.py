@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..search import Capped, Estimator
-from . import ESTIMATORS
+from .registry import ESTIMATORS
 from .hsja import hsja_sub_circle
 from .signopt import SignOPT
 

@@ -6,7 +6,7 @@ import torch
 
 from ..search import Estimator, SearchResult, unit
 from ..tracker import UNTARGETED
-from . import ESTIMATORS
+from .registry import ESTIMATORS
 
 
 class SampleDistance(Estimator):

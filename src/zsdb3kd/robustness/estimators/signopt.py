@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..search import MAX_ELEMS, Estimator, SearchResult, local_search, unit
-from . import ESTIMATORS
+from .registry import ESTIMATORS
 from .bd import BoundaryDistance
 
 
