@@ -1,7 +1,7 @@
 """Query efficiency of boundary-distance estimators, side by side, from one run.
 
     python benchmarks/boundary.py --teacher T.safetensors --samples 50 \
-        [--methods mbd,hsja] [--peers foolbox-hsja,art-signopt] [--reference-budget 20000] [--cache DIR]
+        [--methods mbd hsja] [--peers foolbox-hsja,art-signopt] [--reference-budget 20000] [--cache DIR]
 
 For each estimator: the median over (sample, target) pairs of the distance reached at
 250, 500, 1k, 2k and 4k queries per pair, as a ratio to the paper-faithful MBD at the
@@ -20,7 +20,6 @@ class: foolbox's HopSkipJumpAttack and ART's SignOPTAttack
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -46,19 +45,9 @@ def soft_agreement(d: torch.Tensor, d_ref: torch.Tensor, labels: torch.Tensor, T
     return kl, top2
 
 
-def parse_method(spec: str) -> tuple[str, dict]:
-    """``hsja`` or ``hsja:n0=30,tol=0.01`` -> (preset, options)."""
-    name, _, rest = spec.partition(":")
-    opts = {}
-    for kv in filter(None, rest.split(";")):
-        k, v = kv.split("=")
-        opts[k] = json.loads(v)
-    return name, opts
-
-
-def run_cached(args, teacher_sha, x, pool, method, options, budget, checkpoints):
-    s = RobustnessSettings(method=method, budget=budget, checkpoints=checkpoints, chunk_size=len(x),
-                           seed=args.seed, options=options)
+def run_cached(args, teacher_sha, x, pool, method, budget, checkpoints):
+    s = RobustnessSettings(method=method, queries_per_pair=budget, checkpoints=checkpoints, chunk_size=len(x),
+                           seed=args.seed)
     tag = f"{teacher_sha[:12]}-{args.data}-n{len(x)}-s{args.seed}-{method}-{s.key()}"
     path = Path(args.cache) / f"{tag}.safetensors"
     if path.exists():
@@ -95,7 +84,8 @@ def main() -> None:
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--samples", type=int, default=50)
-    ap.add_argument("--methods", default="mbd,hsja", help="comma-separated presets, each optionally 'name:k=v;k=v'")
+    ap.add_argument("--methods", nargs="+", default=["mbd", "hsja"],
+                    help="method specs, space-separated, e.g. mbd 'hybrid:reuse=0.5,k=50'")
     ap.add_argument("--peers", default="", help="comma-separated: foolbox-hsja, art-signopt")
     ap.add_argument("--reference-budget", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
@@ -115,23 +105,22 @@ def main() -> None:
     pool = CandidatePool(train.x.to(args.device), train.y.to(args.device))
     sha = file_sha256(args.teacher)
     ref_checkpoints = tuple(sorted(set(BUDGETS) | {args.reference_budget}))
-    ref, ref_wall, ref_q = run_cached(args, sha, x, pool, "mbd", {}, args.reference_budget, ref_checkpoints)
+    ref, ref_wall, ref_q = run_cached(args, sha, x, pool, "mbd", args.reference_budget, ref_checkpoints)
     d_ref = ref.at(args.reference_budget).cpu()
     labels = ref.teacher_labels.cpu()
     own = torch.nn.functional.one_hot(labels, d_ref.shape[1]).bool()
     print(f"reference: paper-faithful MBD at {args.reference_budget:,} queries/pair, {args.samples} samples x "
           f"{d_ref.shape[1] - 1} targets: {ref_q:,} queries, {ref_wall:.0f} s, median distance {d_ref[~own].median():.4f}")
     rows = []
-    for spec in filter(None, args.methods.split(",")):
-        method, opts = parse_method(spec)
-        if method == "mbd" and not opts:
+    for spec in args.methods:
+        if spec == "mbd":
             res, wall, q = ref, ref_wall, ref_q  # the same run, read at each checkpoint
             d = {b: res.at(b).cpu() for b in BUDGETS}
             # time to the largest benchmark budget, pro rata (the reference ran to 20k)
             wall = wall * max(BUDGETS) / args.reference_budget
             q = q * max(BUDGETS) // args.reference_budget
         else:
-            res, wall, q = run_cached(args, sha, x, pool, method, opts, max(BUDGETS), BUDGETS)
+            res, wall, q = run_cached(args, sha, x, pool, spec, max(BUDGETS), BUDGETS)
             d = {b: res.at(b).cpu() for b in BUDGETS}
         rows.append((spec, d, wall, q))
     if args.peers:
@@ -182,11 +171,10 @@ def reach_table(args, sha, x, pool, d_ref, own, ref_wall) -> None:
           f"searched up to {args.reach_budget:,}, in steps of 1,000")
     print("| estimator | " + " | ".join(f"median <= {t:.2f}x: q/pair, s, speed-up" for t in targets) + " |")
     print("|" + "---|" * (len(targets) + 1))
-    for spec in filter(None, args.methods.split(",")):
-        method, opts = parse_method(spec)
-        if method == "mbd" and not opts:
+    for spec in args.methods:
+        if spec == "mbd":
             continue  # the reference itself
-        res, wall, q = run_cached(args, sha, x, pool, method, opts, args.reach_budget, cps)
+        res, wall, q = run_cached(args, sha, x, pool, spec, args.reach_budget, cps)
         med = {b: float((res.at(b).cpu()[~own] / d_ref[~own]).median()) for b in cps}
         cells = []
         for t in targets:

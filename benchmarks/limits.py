@@ -36,8 +36,8 @@ import boundary  # noqa: E402  (the benchmark's sample choice and cache)
 
 from zsdb3kd.data import load_dataset  # noqa: E402
 from zsdb3kd.oracle import load_oracle  # noqa: E402
-from zsdb3kd.robustness import CandidatePool, RobustnessSettings, compute_robustness, engine  # noqa: E402
-from zsdb3kd.robustness.estimators import HopSkipJump  # noqa: E402
+from zsdb3kd.robustness import CandidatePool, RobustnessSettings, compute_robustness, create_estimator  # noqa: E402
+from zsdb3kd.robustness import HopSkipJump  # noqa: E402
 from zsdb3kd.weights import file_sha256, load_weights  # noqa: E402
 
 
@@ -134,7 +134,7 @@ def load_benchmark(args):
     x = test.x[torch.randperm(len(test), generator=g)[: args.benchmark_samples]]
     pool = CandidatePool(train.x, train.y)
     ref_cps = tuple(sorted(set(boundary.BUDGETS) | {args.reference_budget}))
-    ref, _, _ = boundary.run_cached(args, file_sha256(args.teacher), x, pool, "mbd", {}, args.reference_budget, ref_cps)
+    ref, _, _ = boundary.run_cached(args, file_sha256(args.teacher), x, pool, "mbd", args.reference_budget, ref_cps)
     d_ref = ref.at(args.reference_budget)[: args.samples]
     labels = ref.teacher_labels[: args.samples]
     own = F.one_hot(labels, d_ref.shape[1]).bool()
@@ -169,16 +169,12 @@ def main() -> None:
     print(f"share of the white-box perturbation's energy (of {D} dims): " + "; ".join(parts))
 
     # the same estimator as the preset (same initialisation and settings), recording as it goes
-    preset = engine.PRESETS["hsja-sub-circle"]()
+    preset = create_estimator("hsja-sub-circle")
     est = Recording(model, init=preset.init, subspace=preset.subspace, subspace_queries=preset.subspace_queries,
                     update=preset.update)
-    engine.PRESETS["_recording"] = lambda: est
-    try:
-        settings = RobustnessSettings(method="_recording", budget=args.budget, checkpoints=(args.budget,),
-                                      chunk_size=args.samples, seed=args.seed)
-        compute_robustness(load_oracle(args.teacher), x, settings, pool=pool, progress=False)
-    finally:
-        engine.PRESETS.pop("_recording")
+    settings = RobustnessSettings(queries_per_pair=args.budget, checkpoints=(args.budget,), chunk_size=args.samples,
+                                  seed=args.seed)
+    compute_robustness(load_oracle(args.teacher), x, settings, estimator=est, pool=pool, progress=False)
     d_sub = bilinear_basis(x.shape[1:], preset.subspace).shape[0]
     print("\n| queries | estimates | probes | cos(estimate, true normal) | sqrt(2n/(pi D)) | "
           "cos(consecutive true normals) | cos(x_b - x0, true normal) |")

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from limits import benchmark_arguments, load_benchmark, whitebox_min_l2  # noqa: E402
 
 from zsdb3kd.oracle import load_oracle  # noqa: E402
-from zsdb3kd.robustness import RobustnessSettings, compute_robustness, engine  # noqa: E402
-from zsdb3kd.robustness.estimators import HopSkipJump  # noqa: E402
+from zsdb3kd.robustness import RobustnessSettings, compute_robustness, create_estimator  # noqa: E402
+from zsdb3kd.robustness import HopSkipJump  # noqa: E402
 from zsdb3kd.robustness.tracker import PairTracker  # noqa: E402
 
 BUDGETS = (250, 500, 1000, 2000)
@@ -93,7 +93,7 @@ def main() -> None:
     x0, src, tgt = all_pairs(xp, oracle(xp), K)
     wb = torch.cat([whitebox_min_l2(model, x0[i:i + 2000], tgt[i:i + 2000])[1] for i in range(0, len(x0), 2000)])
     tracker = PairTracker(oracle, x0, src, tgt, 1000, (1000,))
-    found = engine.PRESETS["hsja-sub-circle"]()(tracker, pool, torch.Generator().manual_seed(args.seed))
+    found = create_estimator("hsja-sub-circle")(tracker, pool, torch.Generator().manual_seed(args.seed))
     ok = torch.isfinite(found.lam)
     priors = {"white-box": (wb, tgt), "label-only": (found.theta[ok], tgt[ok])}
     print(f"priors from {args.prior_images} training images x {K - 1} targets; the label-only one cost "
@@ -110,20 +110,15 @@ def main() -> None:
         print(f"share of a held-out white-box optimum in the {name} prior: " + ", ".join(shares))
 
     def run(est) -> list[float]:
-        engine.PRESETS["_prior"] = lambda: est
-        try:
-            s = RobustnessSettings(method="_prior", budget=max(BUDGETS), checkpoints=BUDGETS, chunk_size=len(x),
-                                   seed=args.seed)
-            res = compute_robustness(load_oracle(args.teacher), x, s, pool=pool, progress=False)
-        finally:
-            engine.PRESETS.pop("_prior")
+        s = RobustnessSettings(queries_per_pair=max(BUDGETS), checkpoints=BUDGETS, chunk_size=len(x), seed=args.seed)
+        res = compute_robustness(load_oracle(args.teacher), x, s, estimator=est, pool=pool, progress=False)
         return [float((res.at(b)[~own] / d_ref[~own]).median()) for b in BUDGETS]
 
     print(f"\n{args.samples} samples x {K - 1} targets; median distance / MBD at 20,000 queries per pair\n")
     print("| estimator | prior | k | lam | shrink | " + " | ".join(f"{b:,}" for b in BUDGETS) + " |")
     print("|---|---|---:|---:|---:|" + "---:|" * len(BUDGETS))
-    print("| `hsja-sub-circle` | none | | | | " + " | ".join(f"{r:.3f}" for r in run(engine.PRESETS["hsja-sub-circle"]())) + " |")
-    base = engine.PRESETS["hsja-sub-circle"]()
+    print("| `hsja-sub-circle` | none | | | | " + " | ".join(f"{r:.3f}" for r in run(create_estimator("hsja-sub-circle"))) + " |")
+    base = create_estimator("hsja-sub-circle")
     for name, (dirs, t) in priors.items():
         for spec in args.settings.split(","):
             k, lam, shrink = spec.split(":")

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zsdb3kd.distill import TrainConfig, accuracy, train
+from zsdb3kd.distill import TrainSettings, accuracy, train
 from zsdb3kd.models import create_model
-from zsdb3kd.pipeline import load_splits
+from zsdb3kd.data import load_splits
 from zsdb3kd.robustness import RobustnessResult
 from zsdb3kd.softlabels import logits_from_distances
 
@@ -120,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
 
     acc: dict[str, list[float]] = {name: [] for name, _ in entries}
     for seed in seeds:
-        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          temperature=args.temperature, kl_reduction=args.kl_reduction, seed=seed)
+        cfg = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            temperature=args.temperature, kl_reduction=args.kl_reduction)
         for name, logits in entries:
             torch.manual_seed(seed)
             model = create_model(args.student, num_classes=len(splits.train.classes), input_shape=tuple(x.shape[1:]))
-            train(model, x, labels, xv, yv, cfg, teacher_logits=logits, progress=False)
+            train(model, x, labels, xv, yv, cfg, seed=seed, teacher_logits=logits, progress=False)
             acc[name].append(accuracy(model, splits.test.x, splits.test.y))
             print(f"seed {seed} {name}: {acc[name][-1]:.2f}%", flush=True)
 

@@ -60,7 +60,7 @@ def main() -> None:
     else:
         oracle = load_oracle(args.teacher, max_batch=args.batch)
     before = raw_rate(model, args.batch, info.input_shape)
-    s = RobustnessSettings(method=args.method, budget=args.budget, checkpoints=(), chunk_size=args.samples)
+    s = RobustnessSettings(method=args.method, queries_per_pair=args.budget, checkpoints=(), chunk_size=args.samples)
     t0 = time.perf_counter()
     compute_robustness(oracle, train.x[: args.samples], s, pool=CandidatePool(train.x, train.y), progress=False)
     wall = time.perf_counter() - t0
