@@ -410,6 +410,10 @@ def test_kill_9_then_resume_equals_uninterrupted_run(teacher, data_dir, tmp_path
     assert rc == 0, err
     assert out.is_file() and not parts.exists()
     resumed = RobustnessResult.load(out)
+    # the rerun says what it reused and what it paid
+    p = resumed.provenance
+    assert (f"reused {p['chunks_reused']} of {N_CHUNKS} finished chunks ({p['queries_reused_from_chunks']:,} queries "
+            f"not paid again); paid {p['queries_this_session']:,} new queries") in err, err
 
     ref_path = tmp_path / "uninterrupted.safetensors"
     rc, _, err = _run(argv(ref_path))

@@ -558,3 +558,43 @@ def test_a_waiting_worker_loads_the_result_another_worker_saved(tmp_path, linear
             out.unlink()
         else:  # without a saved result, a vanished work directory is still an error
             assert isinstance(got.get("e"), WorkDirectoryRemoved)
+
+
+@pytest.mark.parametrize("method, per_pair, K", [("mbd", 1000, 10), ("hybrid", 20000, 10), ("sd", 1000, 10),
+                                                 ("hsja", 100, 100)])
+def test_default_chunks_hold_about_a_minute_of_queries(method, per_pair, K):
+    """An interruption loses at most the chunk in progress: by default about CHUNK_QUERIES queries
+    (a minute of a LeNet-5 on two cores), never more unless a chunk of 8 samples is already more."""
+    from zsdb3kd.robustness.engine import CHUNK_QUERIES
+
+    s = RobustnessSettings(method=method, queries_per_pair=per_pair).resolve(K)
+    per_sample = 1 + (K - 1) * s.per_pair()
+    assert s.chunk_size * per_sample <= max(CHUNK_QUERIES, 8 * per_sample)
+    assert s.chunk_size >= 8 and (s.chunk_size == 512 or (s.chunk_size + 1) * per_sample > CHUNK_QUERIES)
+    assert RobustnessSettings(method=method, chunk_size=5).resolve(K).chunk_size == 5
+
+
+def test_an_estimator_object_or_a_new_registered_one_is_used_as_given(linear_teacher, linear_data):
+    """The seam benchmarks use: compute_robustness takes an estimator object, and an estimator
+    registered under a new name is usable by name everywhere (settings, specs, options)."""
+    from zsdb3kd.robustness import ESTIMATORS, HopSkipJump, create_estimator
+
+    xs = _samples(3)
+    pool = CandidatePool(*linear_data)
+    s = RobustnessSettings(method="hsja", queries_per_pair=120, checkpoints=(120,), chunk_size=3)
+    by_name = compute_robustness(TorchOracle(linear_teacher, SHAPE, K), xs, s, pool=pool, progress=False)
+    obj = compute_robustness(TorchOracle(linear_teacher, SHAPE, K), xs, s, estimator=create_estimator("hsja"),
+                             pool=pool, progress=False)
+    torch.testing.assert_close(obj.distances, by_name.distances, rtol=0, atol=0, equal_nan=True)
+    assert obj.provenance["estimator"] == repr(create_estimator("hsja"))
+
+    @ESTIMATORS.register("test-hsja-fewer-probes")
+    def _fewer(n0: int = 10, **kw):
+        return HopSkipJump(n0=n0, n_max=40, **kw)
+
+    try:
+        s2 = RobustnessSettings(method="test-hsja-fewer-probes:n0=5", queries_per_pair=120, checkpoints=(120,))
+        res = compute_robustness(TorchOracle(linear_teacher, SHAPE, K), xs, s2, pool=pool, progress=False)
+        assert "n0=5" in res.provenance["estimator"] and int(res.queries.max()) <= 120
+    finally:
+        ESTIMATORS._factories.pop("test-hsja-fewer-probes")

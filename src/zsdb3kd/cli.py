@@ -210,10 +210,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             restore()
 
 
+class _Stderr(logging.Handler):
+    """Log lines to whatever ``sys.stderr`` is when they are emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
 def _logging() -> None:
     logger = logging.getLogger("zsdb3kd")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("[zsdb3kd] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

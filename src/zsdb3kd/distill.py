@@ -16,6 +16,7 @@ set); test accuracy is computed once, by the caller, on the selected model.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -29,6 +30,8 @@ from pydantic import Field
 from torch import nn
 
 from .progress import QueryProgress
+
+log = logging.getLogger("zsdb3kd")
 from .settings import Settings
 from .store import atomic_write
 
@@ -198,6 +201,7 @@ def train(
             torch.cuda.set_rng_state(st["cuda_rng"], device)
         best_acc, best_epoch, best_state = st["best_acc"], st["best_epoch"], st["best_state"]
         history, start, elapsed_before = st["history"], st["epoch"], st["elapsed"]
+        log.info(f"{desc}: resuming after epoch {start} of {config.epochs} from {ckpt.path.name}")
     t0 = time.perf_counter()
     last_save = t0
     steps = math.ceil(N / config.batch_size)

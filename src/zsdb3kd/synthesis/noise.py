@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -17,6 +18,8 @@ from ..oracle import LabelOracle
 from ..parallel import prepare_work_dir, run_chunks
 from ..progress import QueryProgress
 from ..store import derive_seed
+
+log = logging.getLogger("zsdb3kd")
 
 NOISE_KINDS = ("paper", "smooth", "mixed")
 
@@ -103,7 +106,11 @@ def label_random_images(oracle: LabelOracle, kind: str, n: int, seed: int, *, ch
             bar.queries(len(y))
             return {"y": y}
 
-        chunks, _ = run_chunks(n_chunks, compute, parts, on_chunk=lambda c, t, reused: bar.advance(len(t["y"])))
+        chunks, report = run_chunks(n_chunks, compute, parts, on_chunk=lambda c, t, reused: bar.advance(len(t["y"])))
+    if report.reused:
+        reused = sum(len(chunks[c]["y"]) for c in report.reused)
+        log.info(f"random[{kind}]: {reused:,} labels read from {work_dir} (not paid again); "
+                 f"{n - reused:,} paid now")
     ys = torch.cat([t["y"] for t in chunks])
     if ys.shape != (n,):
         raise ValueError(f"{work_dir} holds {tuple(ys.shape)} labels, expected {n}: delete it")

@@ -19,6 +19,7 @@ random seed ``(seed, i)``, so a resumed run equals an uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from ..robustness.tracker import UNTARGETED, PairTracker
 from ..settings import Settings
 from ..store import generator, load_tagged, read_tensors, save_tagged, write_tensors
 from .noise import draw_noise
+
+log = logging.getLogger("zsdb3kd")
 
 
 class SynthesisError(RuntimeError):
@@ -179,6 +182,8 @@ def synthesize(oracle: LabelOracle, settings: SynthesisSettings, *, device: str 
         q_noise, q_push = int(st["q_noise"]), int(st["q_push"])
         wall_before = float(st["wall"]) if "wall" in st else 0.0
         snaps = {int(k.split("_")[1]): v for k, v in st.items() if k.startswith("snapshot_")}
+        log.info(f"synthesis: resuming after round {start} of {settings.iterations} ({q_noise + q_push:,} queries "
+                 "already paid are not paid again)")
     else:
         before = oracle.queries
         wall_before = 0.0
