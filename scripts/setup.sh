@@ -4,7 +4,7 @@
 #    ${ZSDB3KD_TORCH:-torch==2.13.0} is installed; on this project's CPU machines that
 #    pin resolves to a local CPU wheel. Elsewhere, for a CPU-only build, set e.g.
 #    PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel index before running this script.
-#  - the package itself (editable) with the test extras.
+#  - the package itself (editable) with its extras: ONNX teachers, plots, the label server, tests.
 #  - Fashion-MNIST (Debian package dataset-fashion-mnist) when missing and apt is usable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ else
   echo "setup: installing ${ZSDB3KD_TORCH:-torch==2.13.0}"
   "$PY" -m pip install -q "${ZSDB3KD_TORCH:-torch==2.13.0}"
 fi
-"$PY" -m pip install -q -e ".[test]"
+"$PY" -m pip install -q -e ".[onnx,plot,serve,test]"
 
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   if command -v apt-get >/dev/null; then

@@ -512,3 +512,26 @@ def test_sigterm_during_training_saves_and_the_rerun_resumes(data_dir, tmp_path,
     assert _run(argv(ref))[0] == 0
     a, b = load_weights(out)[0].state_dict(), load_weights(ref)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_command_end_to_end(teacher, data_dir, stop):
+    """``zsdb3kd serve`` as a script starts it (with ``&``, so SIGINT arrives ignored): it prints its
+    URL once listening, answers, and stops on SIGINT or SIGTERM; the test waits on the process."""
+    pytest.importorskip("uvicorn")
+    proc = subprocess.Popen([sys.executable, "-m", "zsdb3kd", "serve", str(teacher[1]), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        line = proc.stdout.readline()  # blocks until the server is listening (or has died)
+        m = re.search(r"at (http://\S+) ;", line)
+        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
+        rc, out, err = _run(["evaluate", m.group(1), "--data", "npz", "--data-root", data_dir])
+        assert rc == 0, err
+        proc.send_signal(stop)
+        assert proc.wait(timeout=60) == 0
+        assert f"served {N_TEST:,} queries" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -2,34 +2,40 @@
 
 Both ends run here for real, on a free localhost port: labels must equal the in-process
 teacher's, both ends must count the same queries, budgets and quotas must refuse whole
-requests before the model sees them, and failures must be retried or reported.
+requests before the model sees them, keys see only their own usage, and the server stops
+on SIGINT and SIGTERM whatever it inherited. Attacks on the server: test_server_probes.py;
+faults between the two: test_server_faults.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
-import os
 import signal
-import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import SHAPE, LinearTeacher
-from safetensors.torch import load_file
+from test_server_support import FaultProxy, K, ServerProcess, expected_labels, images
 
 from zsdb3kd.oracle import (
-    PROTOCOL, HttpOracle, OracleError, QueryBudgetExceeded, TorchOracle, encode_images, load_oracle,
+    PROTOCOL,
+    HttpOracle,
+    OracleError,
+    QueryBudgetExceeded,
+    TorchOracle,
+    encode_images,
+    http_settings_from_env,
+    load_oracle,
 )
 from zsdb3kd.robustness import RobustnessSettings, compute_robustness
-from zsdb3kd.serve import LabelServer, make_server
-from zsdb3kd.weights import save_weights
+from zsdb3kd.serve import LabelServer, ServeSettings
+from zsdb3kd.settings import ConfigError
 
-K = 4
+SHA = "ab" * 32
 
 
 class Recorder(LinearTeacher):
@@ -45,30 +51,24 @@ class Recorder(LinearTeacher):
 
 
 @pytest.fixture
-def served(request):
-    """Start a label server on a free port; yields (server, model); stopped after the test."""
+def served():
+    """Start a label server in a thread on a free port; yields (server, model); closed after the test."""
     servers = []
 
-    def start(*, budget=None, max_batch=1024, model=None, server_cls=LabelServer, **kwargs):
+    def start(*, budget=None, model=None, token=None, **settings):
         model = model or Recorder()
-        srv = server_cls(TorchOracle(model, SHAPE, K, budget=budget, max_batch=10_000), "127.0.0.1", 0,
-                         max_batch=max_batch, **kwargs)
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        oracle = TorchOracle(model, SHAPE, K, budget=budget, max_batch=10_000)
+        srv = LabelServer(oracle, {"port": 0, **settings}, model_sha256=SHA, token=token).start()
         servers.append(srv)
         return srv, model
 
     yield start
     for srv in servers:
-        srv.shutdown()
-        srv.server_close()
-
-
-def _x(n, seed=0):
-    return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+        srv.close()
 
 
 def _raw(srv, method, path, body=None, headers=None):
-    host, port = srv.server_address[:2]
+    host, port = srv.sock.getsockname()[:2]
     c = http.client.HTTPConnection(host, port, timeout=10)
     c.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
     r = c.getresponse()
@@ -87,100 +87,131 @@ def test_labels_equal_the_in_process_teacher_and_both_ends_count_the_same(served
     srv, model = served(max_batch=16)
     o = HttpOracle(srv.url, concurrency=concurrency, max_batch=64)
     assert (o.input_shape, o.num_classes, o.max_batch) == (SHAPE, K, 16)  # the server's max_batch wins
-    x = _x(100)
-    with torch.no_grad():
-        expected = LinearTeacher(seed=3, k=K)(x).argmax(1)
-    assert torch.equal(o(x), expected)
+    x = images(100)
+    assert torch.equal(o(x), expected_labels(x))
     assert sorted(model.calls) == [4] + [16] * 6
-    assert o.queries == srv.oracle.queries == 100 == sum(model.calls)
+    assert o.queries == o.paid == srv.oracle.queries == srv.queries == 100 == sum(model.calls)
     assert o.retries == 0
     o.close()
 
 
-def test_info_describes_the_teacher(served):
-    srv, _ = served(budget=500, model_sha256="ab" * 32)
+def test_a_repeated_request_is_answered_again_without_billing(served):
+    srv, model = served()
+    o = HttpOracle(srv.url)
+    x = images(8)
+    first = o(x)
+    assert torch.equal(o(x), first)  # the same bytes: the same request id, answered from the cache
+    assert (o.queries, o.paid, srv.queries, sum(model.calls)) == (16, 8, 8, 8)
+    assert o.usage() == {"key": "anonymous", "queries": 8, "max_queries": None, "remaining": None,
+                         "requests": 1, "replayed": 1}
+    body = json.dumps(encode_images(x)).encode()
+    rid = hashlib.sha256(body).hexdigest()[:32]
+    status, answer = _raw(srv, "POST", "/predict", body, {"Idempotency-Key": rid})
+    assert status == 200 and answer == {"labels": first.tolist(), "billed": 0, "replayed": True}
+    status, answer = _raw(srv, "POST", "/predict", json.dumps(encode_images(images(8, seed=1))).encode(),
+                          {"Idempotency-Key": rid})
+    assert status == 422 and "another body" in answer["error"]
+    assert srv.queries == 8
+
+
+def test_info_describes_the_teacher_and_the_callers_own_usage(served):
+    srv, _ = served(max_queries=500, state=":memory:")
     status, info = _raw(srv, "GET", "/info")
     assert status == 200
     assert info == {"protocol": PROTOCOL, "input_shape": list(SHAPE), "num_classes": K, "bounds": [0.0, 1.0],
-                    "max_batch": 1024, "model_sha256": "ab" * 32, "queries": 0, "max_queries": 500}
-    assert HttpOracle(srv.url).sha256 == "ab" * 32
+                    "max_batch": 1024, "model_sha256": SHA, "queries": 0, "max_queries": 500}
+    assert HttpOracle(srv.url).sha256 == SHA
 
 
 def test_client_budget_refuses_before_anything_is_sent(served):
     srv, model = served()
     o = HttpOracle(srv.url, budget=10)
-    o(_x(6))
+    o(images(6))
     with pytest.raises(QueryBudgetExceeded):
-        o(_x(5))
+        o(images(5, seed=1))
     assert o.queries == srv.oracle.queries == 6 and sum(model.calls) == 6
 
 
 def test_server_quota_refuses_whole_requests_and_the_client_counts_what_was_answered(served):
-    srv, model = served(budget=10, max_batch=4)
+    srv, model = served(max_queries=10, max_batch=4, state=":memory:")
     o = HttpOracle(srv.url, concurrency=1, retries=3, backoff=0)
-    with pytest.raises(OracleError, match="quota exhausted"):
-        o(_x(12))  # chunks of 4: two answered, the third would pass the quota of 10
-    assert o.queries == srv.oracle.queries == sum(model.calls) == 8
+    with pytest.raises(OracleError, match="quota exhausted: 8 of 10 used, 4 asked"):
+        o(images(12))  # chunks of 4: two answered, the third would pass the quota of 10
+    assert o.queries == o.paid == srv.queries == sum(model.calls) == 8
     assert o.retries == 0  # a refusal is not retried
-    o(_x(2))  # what is left of the quota still works
-    assert o.queries == srv.oracle.queries == 10
+    o(images(2, seed=1))  # what is left of the quota still works
+    assert o.queries == srv.queries == 10
+    assert o.usage()["remaining"] == 0
 
 
 def test_concurrent_chunks_after_a_refusal_are_still_counted(served):
     # 3 chunks of 4 in flight at once with a quota of 6: exactly one chunk is answered,
     # whichever the server takes first, and the client must count it even if it is not the first
-    srv, _ = served(budget=6, max_batch=4)
+    srv, _ = served(max_queries=6, max_batch=4, state=":memory:")
     o = HttpOracle(srv.url, concurrency=3, retries=0)
     with pytest.raises(OracleError, match="quota exhausted"):
-        o(_x(12))
-    assert o.queries == srv.oracle.queries == 4
+        o(images(12))
+    assert o.queries == o.paid == srv.queries == 4
 
 
-class FlakyServer(LabelServer):
-    """Answers 503 to the first ``fail`` requests to /predict, then behaves."""
-
-    def __init__(self, *args, fail=2, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fail = fail
-        handler = self.RequestHandlerClass
-
-        class Flaky(handler):
-            def do_POST(inner):  # noqa: N805
-                if inner.server.fail > 0:
-                    inner.server.fail -= 1
-                    inner.rfile.read(int(inner.headers["Content-Length"]))
-                    inner._send(503, {"error": "busy"})
-                    return
-                handler.do_POST(inner)
-
-        self.RequestHandlerClass = Flaky
+def test_a_quota_needs_a_state_file():
+    oracle = TorchOracle(LinearTeacher(seed=3, k=K), SHAPE, K)
+    with pytest.raises(ConfigError, match="quota needs --state"):
+        LabelServer(oracle, {"port": 0, "max_queries": 5})
 
 
 def test_busy_server_is_retried_and_each_image_counted_once(served):
-    srv, model = served(server_cls=FlakyServer, fail=2)
-    o = HttpOracle(srv.url, backoff=0.01, retries=2)
-    x = _x(5)
-    assert torch.equal(o(x), TorchOracle(LinearTeacher(seed=3, k=K), SHAPE, K)(x))
-    assert o.retries == 2 and o.queries == 5 == sum(model.calls)
+    srv, model = served()
+    proxy = FaultProxy(srv.url, {"503": 0.5}, seed=1)
+    try:
+        o = HttpOracle(proxy.url, backoff=0.01, max_batch=2, concurrency=1)
+        x = images(10)
+        assert torch.equal(o(x), expected_labels(x))
+        assert o.retries == proxy.counts["503"] > 0
+        assert o.queries == o.paid == srv.queries == 10 == sum(model.calls)
+    finally:
+        proxy.close()
 
 
 def test_busy_server_past_the_retries_is_an_error_naming_the_last_status(served):
-    srv, model = served(server_cls=FlakyServer, fail=10)
-    o = HttpOracle(srv.url, backoff=0, retries=2)
-    with pytest.raises(OracleError, match=r"failed 3 times; last: HTTP 503 .*busy"):
-        o(_x(5))
-    assert o.queries == 0 and model.calls == []
+    srv, model = served()
+    proxy = FaultProxy(srv.url, {"503": 1.0})
+    try:
+        o = HttpOracle(proxy.url, backoff=0, retries=2)
+        with pytest.raises(OracleError, match=r"failed 3 times; last: HTTP 503 .*injected"):
+            o(images(5))
+        assert o.queries == o.paid == 0 and model.calls == []
+    finally:
+        proxy.close()
 
 
 def test_unreachable_server_is_a_clear_error(served):
     srv, _ = served()
     url = srv.url
-    srv.shutdown()
-    srv.server_close()
+    srv.close()
     t0 = time.perf_counter()
     with pytest.raises(OracleError, match=rf"GET {url}/info failed 2 times; last: ConnectionRefusedError"):
         HttpOracle(url, retries=1, backoff=0)
     assert time.perf_counter() - t0 < 5
+
+
+def test_a_kept_alive_connection_the_server_closed_is_reopened_without_a_retry(served):
+    import select
+
+    srv, _ = served(keep_alive_timeout=0.2)
+    o = HttpOracle(srv.url, concurrency=1)
+    o(images(3))
+    conn = o._local.conn
+    assert select.select([conn.sock], [], [], 10)[0]  # the server closed the idle connection
+    x = images(3, seed=1)
+    assert torch.equal(o(x), expected_labels(x))
+    assert o.retries == 0 and o.paid == srv.queries == 6
+
+
+def test_a_port_in_use_is_a_clear_error(served):
+    srv, _ = served()
+    with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{srv.sock.getsockname()[1]}"):
+        LabelServer(TorchOracle(LinearTeacher(seed=3, k=K), SHAPE, K), {"port": srv.sock.getsockname()[1]})
 
 
 def test_malformed_requests_get_a_status_and_a_reason(served):
@@ -190,12 +221,20 @@ def test_malformed_requests_get_a_status_and_a_reason(served):
     assert status == 400 and "bytes" in body["error"]
     status, body = _raw(srv, "POST", "/predict", json.dumps(encode_images(torch.rand(2, 1, 4, 4))).encode())
     assert status == 400 and "shape" in body["error"]
-    status, body = _raw(srv, "POST", "/predict", json.dumps(encode_images(_x(2) + 1.0)).encode())
+    status, body = _raw(srv, "POST", "/predict", json.dumps(encode_images(images(2) + 1.0)).encode())
     assert status == 400 and "outside bounds" in body["error"]
-    status, body = _raw(srv, "POST", "/predict", json.dumps(encode_images(_x(5))).encode())
+    status, body = _raw(srv, "POST", "/predict", json.dumps(encode_images(images(5))).encode())
     assert status == 413 and "max_batch" in body["error"]
+    status, body = _raw(srv, "POST", "/predict", json.dumps(encode_images(images(1))).encode(),
+                        {"Idempotency-Key": "bad key!"})
+    assert status == 400 and "Idempotency-Key" in body["error"]
     assert _raw(srv, "GET", "/nowhere")[0] == 404
-    assert model.calls == [] and srv.oracle.queries == 0
+    assert model.calls == [] and srv.queries == 0
+
+
+# ---------------------------------------------------------------------------------------
+# tokens and keys
+# ---------------------------------------------------------------------------------------
 
 
 def test_token_is_required_when_set_and_taken_from_the_environment(served, monkeypatch):
@@ -208,76 +247,118 @@ def test_token_is_required_when_set_and_taken_from_the_environment(served, monke
         HttpOracle(srv.url)
     monkeypatch.setenv("ZSDB3KD_HTTP_AUTH", "Bearer s3cret")
     o = HttpOracle(srv.url)
-    o(_x(3))
+    o(images(3))
     assert o.queries == 3 == sum(model.calls)
+    assert o.usage()["key"] == "default"
     assert "s3cret" not in repr(o) and "s3cret" not in json.dumps(o.info)
 
 
-def test_command_line_settings_come_from_the_environment(served, monkeypatch):
+def test_keys_file_gives_each_key_its_quota_and_only_its_own_usage(served, tmp_path, monkeypatch):
+    keys = tmp_path / "keys.toml"
+    digest = {name: hashlib.sha256(f"token-{name}".encode()).hexdigest() for name in ("alice", "bob")}
+    keys.write_text(f'[keys.alice]\ntoken_sha256 = "{digest["alice"]}"\nmax_queries = 5\n\n'
+                    f'[keys.bob]\ntoken_sha256 = "{digest["bob"]}"\n')
+    srv, _ = served(keys=str(keys), max_queries=100, state=str(tmp_path / "state.sqlite"))
+    monkeypatch.setenv("ZSDB3KD_HTTP_AUTH", "Bearer token-alice")
+    alice = HttpOracle(srv.url)
+    monkeypatch.setenv("ZSDB3KD_HTTP_AUTH", "Bearer token-bob")
+    bob = HttpOracle(srv.url)
+    alice(images(4))
+    with pytest.raises(OracleError, match="quota exhausted: 4 of 5 used, 2 asked"):
+        alice(images(2, seed=1))
+    bob(images(7, seed=2))
+    assert alice.usage() == {"key": "alice", "queries": 4, "max_queries": 5, "remaining": 1, "requests": 1,
+                             "replayed": 0}
+    assert bob.usage()["queries"] == 7 and bob.usage()["max_queries"] == 100
+    assert alice.info["max_queries"] == 5 and bob.info["max_queries"] == 100
+
+
+def test_bad_keys_files_are_refused_with_the_key_named(tmp_path):
+    oracle = TorchOracle(LinearTeacher(seed=3, k=K), SHAPE, K)
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.carol]\ntoken_sha256 = "not-hex"\n')
+    with pytest.raises(ConfigError, match=r"\[keys.carol\] token_sha256"):
+        LabelServer(oracle, {"port": 0, "keys": str(keys)})
+    keys.write_text('[keys.carol]\ntoken = "plain"\n')
+    with pytest.raises(ConfigError, match="unknown key"):
+        LabelServer(oracle, {"port": 0, "keys": str(keys)})
+
+
+# ---------------------------------------------------------------------------------------
+# client settings
+# ---------------------------------------------------------------------------------------
+
+
+def test_client_settings_come_from_the_environment(served, monkeypatch):
     srv, _ = served()
     monkeypatch.setenv("ZSDB3KD_HTTP_CONCURRENCY", "5")
     monkeypatch.setenv("ZSDB3KD_HTTP_RETRIES", "7")
     monkeypatch.setenv("ZSDB3KD_HTTP_TIMEOUT", "2.5")
+    monkeypatch.setenv("ZSDB3KD_HTTP_DEADLINE", "40")
+    monkeypatch.setenv("ZSDB3KD_HTTP_BACKOFF_MAX", "3")
     o = load_oracle(srv.url, budget=9)
-    assert (o.concurrency, o.max_retries, o.timeout, o.budget) == (5, 7, 2.5, 9)
+    assert (o.concurrency, o.max_retries, o.timeout, o.deadline, o.backoff_max, o.budget) == (5, 7, 2.5, 40, 3, 9)
     monkeypatch.setenv("ZSDB3KD_HTTP_RETRIES", "many")
-    with pytest.raises(ValueError, match="ZSDB3KD_HTTP_RETRIES='many' is not a valid int"):
-        load_oracle(srv.url)
+    with pytest.raises(ValueError, match="ZSDB3KD_HTTP_RETRIES='many' is not valid"):
+        http_settings_from_env()
     monkeypatch.setenv("ZSDB3KD_HTTP_RETRIES", "-1")
-    with pytest.raises(ValueError, match="retries >= 0"):
-        load_oracle(srv.url)
+    with pytest.raises(ValueError, match="ZSDB3KD_HTTP_RETRIES='-1' is not valid: .*greater than or equal to 0"):
+        http_settings_from_env()
+    monkeypatch.delenv("ZSDB3KD_HTTP_RETRIES")
+    monkeypatch.delenv("ZSDB3KD_HTTP_CONCURRENCY")
+    assert http_settings_from_env() == {"timeout": 2.5, "deadline": 40.0, "backoff_max": 3.0}
 
 
-def test_bad_urls(served):
+def test_bad_urls_and_settings():
     for url in ("ftp://host/x", "http://", "teacher.safetensors"):
         with pytest.raises(ValueError, match="URL"):
             HttpOracle(url)
+    with pytest.raises(ValueError, match="deadline"):
+        HttpOracle("http://127.0.0.1:1", deadline=0)
+
+
+def test_every_server_setting_is_described():
+    assert ServeSettings.__doc__.strip().splitlines()[0]
+    for name, field in ServeSettings.model_fields.items():
+        assert field.description, name
+    s = ServeSettings()
+    assert (s.host, s.port, s.max_queries, s.max_batch, s.log) == ("127.0.0.1", 8000, None, 1024, False)
+
+
+def test_the_server_says_what_to_install_when_its_stack_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    with pytest.raises(ImportError, match=r"pip install 'zsdb3kd\[serve\]'"):
+        LabelServer(TorchOracle(LinearTeacher(seed=3, k=K), SHAPE, K), {"port": 0})
 
 
 # ---------------------------------------------------------------------------------------
-# the whole engine over HTTP
+# the whole engine over HTTP, and stopping
 # ---------------------------------------------------------------------------------------
 
 
 def test_robustness_over_http_equals_the_in_process_run(served):
     srv, _ = served(max_batch=256)
-    x = _x(6, seed=1)
-    settings = RobustnessSettings(method="hsja", budget=150, checkpoints=(50, 150), chunk_size=3, seed=4)
+    x = images(6, seed=1)
+    settings = RobustnessSettings(method="hsja", queries_per_pair=150, checkpoints=(50, 150), chunk_size=3, seed=4)
     local = compute_robustness(TorchOracle(LinearTeacher(seed=3, k=K), SHAPE, K), x, settings)
     remote_oracle = load_oracle(srv.url)
     remote = compute_robustness(remote_oracle, x, settings)
     torch.testing.assert_close(remote.distances, local.distances, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(remote.queries, local.queries)
-    assert remote_oracle.queries == srv.oracle.queries == int(local.queries.sum()) + len(x)
+    assert remote_oracle.queries == int(local.queries.sum()) + len(x)
+    assert remote_oracle.paid == srv.queries == srv.oracle.queries <= remote_oracle.queries
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_serve_command_end_to_end(tmp_path, stop):
-    """``zsdb3kd serve`` as a user starts it: prints its URL, enforces its quota, stops on Ctrl-C or kill."""
-    path = tmp_path / "T.safetensors"
-    from zsdb3kd.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("lenet5-fifth", num_classes=10, input_shape=(1, 28, 28))
-    save_weights(model, path, arch="lenet5-fifth", input_shape=(1, 28, 28), num_classes=10)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "zsdb3kd", "serve", str(path), "--port", "0", "--max-queries",
-                             "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert "serving" in line and "quota 50 queries" in line, (line, proc.stderr.read() if proc.poll() else "")
-        url = line.split(" at ")[1].split()[0]
-        o = HttpOracle(url)
-        x = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            assert torch.equal(o(x), model.eval()(x).argmax(1))
+def test_serve_stops_on_sigint_and_sigterm_even_when_sigint_was_ignored(stop, tmp_path):
+    """``serve()`` as a process started the way ``&`` starts it (SIGINT ignored): serves, keeps
+    its quota, stops on either signal (waited on, not slept on) and says what it served."""
+    with ServerProcess({"max_queries": 50, "state": str(tmp_path / "state.sqlite")}, ignore_sigint=True) as server:
+        o = HttpOracle(server.url)
+        x = images(40)
+        assert torch.equal(o(x), expected_labels(x))
         with pytest.raises(OracleError, match="quota exhausted: 40 of 50 used, 20 asked"):
-            o(torch.rand(20, 1, 28, 28))
-        from zsdb3kd.weights import file_sha256
-
-        assert o.sha256 == file_sha256(path)
-    finally:
-        proc.send_signal(stop)
-        out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert "served 40 queries" in out
+            o(images(20, seed=1))
+        assert o.sha256 == SHA
+        assert server.stop(stop, timeout=30) == 0, "".join(server.errors)
+        assert server.line() == "served 40"

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve_flags() -> SettingsFlags:
-    from .serve.settings import ServeSettings
+    from .serve import ServeSettings
 
     return SettingsFlags(ServeSettings)
 
@@ -362,9 +362,16 @@ def _cmd_serve(args) -> int:
     spec = SettingsFlags(TeacherSpec, rename={"path": "teacher"}, exclude=["query_log", "max_batch"]).build(args)
     settings = _serve_flags().build(args)
     device = SettingsFlags(Common, only=["device"]).build(args).device
-    oracle = load_oracle(spec, device=device, budget=settings.max_queries)
+    oracle = load_oracle(spec, device=device)  # quotas are the server's, per key (settings.max_queries)
     token = os.environ.get("ZSDB3KD_SERVE_TOKEN") or None
-    serve(oracle, settings, model_sha256=teacher_sha256(spec, oracle), token=token)
+    quota = "no quota" if settings.max_queries is None else f"quota {settings.max_queries:,} queries per key"
+    keys = "token required" if token or settings.keys else "no token"
+
+    def ready(url: str) -> None:  # with --port 0 the port is known only once listening
+        print(f"serving {spec.path} (labels only, {quota}, {keys}) at {url} ; Ctrl-C to stop", flush=True)
+
+    n = serve(oracle, settings, model_sha256=teacher_sha256(spec, oracle), token=token, ready=ready)
+    print(f"served {n:,} queries", flush=True)
     return 0
 
 

@@ -8,12 +8,14 @@ a client for a vendor's own API). :func:`load_oracle` opens one from a path or U
 """
 
 from .base import Bounds, FunctionOracle, LabelOracle, OracleError, QueryBudgetExceeded
-from .http import HttpOracle, http_settings_from_env
+from .http import HttpOracle, HttpSettings, http_settings_from_env
 from .load import TeacherReading, TeacherSpec, is_url, load_oracle, teacher_logits, teacher_sha256
 from .local import TorchOracle
 from .onnx import OnnxOracle
 from .protocol import PROTOCOL, decode_images, encode_images
+from .querylog import QueryLog
 
-__all__ = ["Bounds", "FunctionOracle", "HttpOracle", "LabelOracle", "OnnxOracle", "OracleError", "PROTOCOL",
-           "QueryBudgetExceeded", "TeacherReading", "TeacherSpec", "TorchOracle", "decode_images", "encode_images", "http_settings_from_env",
-           "is_url", "load_oracle", "teacher_logits", "teacher_sha256"]
+__all__ = ["Bounds", "FunctionOracle", "HttpOracle", "HttpSettings", "LabelOracle", "OnnxOracle", "OracleError",
+           "PROTOCOL", "QueryBudgetExceeded", "QueryLog", "TeacherReading", "TeacherSpec", "TorchOracle",
+           "decode_images", "encode_images", "http_settings_from_env", "is_url", "load_oracle", "teacher_logits",
+           "teacher_sha256"]
