@@ -160,7 +160,8 @@ def test_teacher_url_gives_the_same_robustness_file_as_the_weights(rob, label_se
     assert remote.provenance["teacher_sha256"] == local.provenance["teacher_sha256"]
 
 
-def test_teacher_url_errors(label_server, data_dir, tmp_path, capsys):
+def test_teacher_url_errors(label_server, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ZSDB3KD_HTTP_DEADLINE", "2")  # a refused connection is retried until the deadline
     url = label_server.url
     assert main(["distill", "--teacher", url, "--method", "whitebox-kd", *_data(data_dir), "--subset", "10",
                  "--out", str(tmp_path / "s.safetensors")]) == 2
