@@ -389,8 +389,10 @@ def test_work_dir_does_not_change_the_result(reference_run, tmp_path):
     oracle = TorchOracle(LinearTeacher(), SHAPE, K)
     p = synthesize(oracle, SynthesisSettings(**RESUME), work_dir=tmp_path / "w", progress=False)
     _assert_same(p, reference_run)
-    st = load_file(str(tmp_path / "w" / "state.safetensors"))
-    assert int(st["round"]) == RESUME["iterations"]
+    # the samples fit one chunk: kept finished, with every round's distances, beside the class noise
+    st = load_file(str(tmp_path / "w" / "chunk-00000.safetensors"))
+    assert torch.equal(st["x"], p.x) and st["best"].shape == (len(p.y), RESUME["iterations"] + 1)
+    assert torch.equal(load_file(str(tmp_path / "w" / "noise.safetensors"))["x"], p.snapshots[0])
 
 
 @pytest.mark.parametrize("where", ["mid-push", "final-measurement"])
@@ -405,7 +407,7 @@ def test_interrupted_run_resumes_to_the_same_result(reference_run, tmp_path, whe
     cut = TorchOracle(LinearTeacher(), SHAPE, K, budget=budget)
     with pytest.raises(QueryBudgetExceeded):
         synthesize(cut, s, work_dir=work, progress=False)
-    st = load_file(str(work / "state.safetensors"))
+    st = load_file(str(work / "partial-00000.safetensors"))  # the one chunk's last finished round
     done = int(st["round"])
     if where == "mid-push":
         assert 1 <= done < s.iterations
@@ -417,7 +419,7 @@ def test_interrupted_run_resumes_to_the_same_result(reference_run, tmp_path, whe
     _assert_same(p, ref)
     # the finished rounds were not repeated
     assert p.provenance["queries_this_session"] == fresh.queries
-    assert fresh.queries == total - q_noise - int(st["q_push"])
+    assert fresh.queries == total - q_noise - int(st["queries"])
 
 
 def test_work_dir_of_other_settings_is_refused(tmp_path):

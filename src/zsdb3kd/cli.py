@@ -9,6 +9,8 @@ budgets, settings) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -187,14 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataError
     from .experiment.jobs import PlanOnly
     from .oracle import OracleError, QueryBudgetExceeded
-    from .parallel import init_from_env
+    from .parallel import init_from_env, is_main
     from .synthesis import SynthesisError
     from .weights import WeightsError
 
     restore = _sigterm_interrupts() if args.command != "serve" else None  # serve stops on SIGTERM its own way
     try:
         init_from_env(getattr(args, f"{Common.__name__}__device", "cpu"))
-        return _COMMANDS[args.command](args)
+        with contextlib.nullcontext() if is_main() else contextlib.redirect_stdout(io.StringIO()):
+            return _COMMANDS[args.command](args)  # under torchrun only rank 0 reports
     except PlanOnly as e:
         print(e)
         return 0

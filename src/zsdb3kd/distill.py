@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from .parallel import all_sum, broadcast, broadcast_buffers, world
 from .progress import QueryProgress
-
-log = logging.getLogger("zsdb3kd")
 from .settings import Settings
 from .store import atomic_write
+
+log = logging.getLogger("zsdb3kd")
 
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "flip-crop")
@@ -167,6 +168,15 @@ def train(
     ``checkpoint_every`` seconds and always when the run is interrupted. If the file exists,
     training resumes from it and ends exactly as an uninterrupted run would; it is removed
     once training finishes.
+
+    Under torchrun (``torch.distributed`` initialised) the model is wrapped in
+    DistributedDataParallel: every rank draws the same order from ``seed`` and takes its
+    share of each batch (rows ``rank, rank + w, ...``), the gradients are averaged so that a
+    step follows the whole batch's loss, rank 0 measures the validation accuracy and tells
+    the others (BatchNorm statistics are rank 0's), so every rank selects the same epoch and
+    ends with the same weights; rank 0 alone writes the checkpoint. Per-rank BatchNorm
+    statistics and float summation order make the result close to, not the bits of, one
+    process; resuming with another number of ranks continues from the checkpoint.
     """
     N = x.shape[0]
     if y.shape != (N,):
@@ -178,6 +188,9 @@ def train(
     if teacher_logits is not None and not torch.isfinite(teacher_logits).all():
         raise ValueError("teacher_logits contain non-finite values")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    rank, size = world()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
@@ -202,6 +215,11 @@ def train(
         best_acc, best_epoch, best_state = st["best_acc"], st["best_epoch"], st["best_state"]
         history, start, elapsed_before = st["history"], st["epoch"], st["elapsed"]
         log.info(f"{desc}: resuming after epoch {start} of {config.epochs} from {ckpt.path.name}")
+    net: nn.Module = model
+    if size > 1:  # after the checkpoint is loaded: DDP starts every rank from rank 0's weights
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     t0 = time.perf_counter()
     last_save = t0
     steps = math.ceil(N / config.batch_size)
@@ -216,18 +234,22 @@ def train(
             st["cuda_rng"] = torch.cuda.get_rng_state(device)
         return st
 
-    saved_state = snapshot(start) if ckpt.path is not None else None
-    with QueryProgress(config.epochs, desc, unit="epoch", enabled=progress, log_every=15.0, initial=start) as bar:
+    keeps = ckpt.path is not None and rank == 0  # rank 0 alone writes the checkpoint
+    saved_state = snapshot(start) if keeps else None
+    with QueryProgress(config.epochs, desc, unit="epoch", enabled=progress if rank == 0 else False, log_every=15.0,
+                       initial=start) as bar:
         try:
             for epoch in range(start, config.epochs):
-                loss = _train_epoch(model, opt, x, y, teacher_logits, config, gen, device, steps)
-                val_acc = accuracy(model, x_val, y_val, config.eval_batch, device)
+                loss = _train_epoch(net, opt, x, y, teacher_logits, config, gen, device, steps)
+                if size > 1:
+                    broadcast_buffers(model)  # rank 0's BatchNorm statistics everywhere: one model on every rank
+                val_acc = broadcast(accuracy(model, x_val, y_val, config.eval_batch, device) if rank == 0 else None)
                 history.append({"epoch": epoch, "loss": loss, "val_acc": val_acc})
                 if val_acc > best_acc:
                     best_acc, best_epoch = val_acc, epoch
                     best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
                 bar.advance(1)
-                if ckpt.path is not None and epoch + 1 < config.epochs:
+                if keeps and epoch + 1 < config.epochs:
                     saved_state = snapshot(epoch + 1)
                     if time.perf_counter() - last_save >= checkpoint_every:
                         ckpt.save(saved_state)
@@ -237,21 +259,27 @@ def train(
                 ckpt.save(saved_state)  # the last finished epoch; the one in progress is lost
             raise
     model.load_state_dict(best_state)
-    ckpt.remove()
+    if rank == 0:
+        ckpt.remove()
     return TrainResult(best_state, best_epoch, best_acc, history, elapsed_before + time.perf_counter() - t0)
 
 
 def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                  teacher_logits: torch.Tensor | None, config: TrainSettings, gen: torch.Generator,
                  device: torch.device, steps: int) -> float:
-    """One pass over ``(x, y)`` in an order drawn from ``gen``; the mean loss."""
+    """One pass over ``(x, y)`` in an order drawn from ``gen``; the mean loss. Under torchrun
+    ``model`` is the DDP wrapper and this rank trains on its share of each batch."""
     model.train()
     N = x.shape[0]
     perm = torch.randperm(N, generator=gen)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    rank, size = world()
     total = 0.0
     for s in range(steps):
         idx = perm[s * config.batch_size : (s + 1) * config.batch_size]
+        if size > 1:
+            total += _train_shard(model, opt, x, y, teacher_logits, config, gen, device, idx, has_bn, rank, size)
+            continue
         if idx.numel() < 2 and has_bn:
             continue  # a BatchNorm batch of one cannot be trained on
         xb, yb = augment_batch(as_float(x[idx].to(device)), config.augment, gen), y[idx].to(device)
@@ -261,7 +289,36 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, 
         loss.backward()
         opt.step()
         total += float(loss.detach()) * idx.numel()
-    return total / N
+    return (all_sum(total) if size > 1 else total) / N
+
+
+def _train_shard(model, opt, x, y, teacher_logits, config: TrainSettings, gen, device, idx: torch.Tensor,
+                 has_bn: bool, rank: int, size: int) -> float:
+    """One DDP step on this rank's rows of the batch ``idx``; this rank's part of ``loss * len(idx)``.
+
+    The loss is :func:`kd_loss` of the whole batch split into per-rank sums, times ``size``:
+    DDP averages the ranks' gradients, so a step follows the whole batch's gradient however
+    unevenly it divides. Every rank draws the whole batch's augmentation, so ``gen`` stays
+    the same everywhere; a batch some rank would get too few rows of is skipped by all."""
+    B = idx.numel()
+    if B // size < (2 if has_bn else 1):
+        return 0.0
+    if config.augment == "none":
+        xb = as_float(x[idx[rank::size]].to(device))
+    else:
+        xb = augment_batch(as_float(x[idx].to(device)), config.augment, gen)[rank::size]
+    mine = idx[rank::size]
+    out = model(xb)
+    loss = F.cross_entropy(out, y[mine].to(device), reduction="sum") / B
+    if teacher_logits is not None and config.kl_weight != 0:
+        log_p = F.log_softmax(out / config.temperature, dim=1)
+        q = F.softmax(teacher_logits[mine].to(device) / config.temperature, dim=1)
+        kl = F.kl_div(log_p, q, reduction="sum")
+        loss = loss + config.kl_weight * (kl / B if config.kl_reduction == "batchmean" else kl)
+    opt.zero_grad(set_to_none=True)
+    (loss * size).backward()
+    opt.step()
+    return float(loss.detach()) * B
 
 
 class _Checkpoint:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from ..data import DataSettings, choose_subset, train_val_split
 from ..distill import TrainSettings
 from ..oracle import LabelOracle, TeacherSpec, load_oracle, teacher_logits, teacher_sha256
+from ..parallel import is_main, label_sharded, split_budget
 from ..robustness import CandidatePool, RobustnessResult, RobustnessSettings, compute_to_file
 from ..settings import ConfigError
 from ..softlabels import load_soft_labels
@@ -39,18 +39,19 @@ class PlanOnly(Exception):
 def check_plan(what: str, planned: int, query_budget: int | None, plan_only: bool) -> None:
     """Log (or, with ``plan_only``, raise :class:`PlanOnly` with) the planned queries; refuse a
     plan the budget cannot cover, or a huge one nobody confirmed, before anything is spent."""
-    hours = planned / TYPICAL_RATE / 3600
-    when = f"about {hours:.1f} h" if hours >= 1 else f"about {max(1, round(hours * 60))} min"
+    seconds = planned / TYPICAL_RATE
+    when = (f"about {seconds / 3600:.1f} h" if seconds >= 3600 else f"about {round(seconds / 60)} min"
+            if seconds >= 60 else "under a minute")
     text = f"{what}: at most {planned:,} teacher queries ({when} at ~{TYPICAL_RATE:,} queries/s)"
     if plan_only:
         raise PlanOnly(text)
-    log.info(f"plan: {text}")
     if query_budget is not None and planned > query_budget:
         raise ConfigError(f"{what} may spend up to {planned:,} queries, more than --query-budget {query_budget:,}; "
                           "raise the budget or lower the work (--subset, --queries-per-pair); nothing was spent")
     if query_budget is None and planned > CONFIRM_ABOVE:
         raise ConfigError(f"{what} may spend up to {planned:,} queries ({when}); confirm with --query-budget "
                           f"{planned} or lower the work (--subset, --queries-per-pair); nothing was spent")
+    log.info(f"plan: {text}")
 
 
 @dataclass
@@ -83,9 +84,10 @@ def samples_for(data: DataSettings, seed: int, split: Literal["train", "test"] =
 def robustness_job(teacher: TeacherSpec, settings: RobustnessSettings, samples: Samples, out: str | os.PathLike, *,
                    device: str = "cpu", query_budget: int | None = None, plan_only: bool = False,
                    progress: bool | None = None) -> RobustnessResult:
-    """Boundary distances of ``samples`` to every other class, into ``out`` (resumable)."""
+    """Boundary distances of ``samples`` to every other class, into ``out`` (resumable). Under
+    torchrun each rank gets its share of ``query_budget`` and rank 0 alone writes ``out``."""
     teacher.check()
-    oracle = load_oracle(teacher, device=device, budget=query_budget)
+    oracle = load_oracle(teacher, device=device, budget=split_budget(query_budget))
     if tuple(samples.x.shape[1:]) != oracle.input_shape:
         raise ConfigError(f"samples have shape {tuple(samples.x.shape[1:])}, the teacher takes {oracle.input_shape}")
     planned = settings.max_queries(len(samples.x), oracle.num_classes)
@@ -93,7 +95,7 @@ def robustness_job(teacher: TeacherSpec, settings: RobustnessSettings, samples: 
                plan_only)
     pool = CandidatePool(samples.pool.flat.view(-1, *oracle.input_shape).to(device), samples.pool.y.to(device))
     return compute_to_file(out, oracle, samples.x.to(device), settings, pool=pool, indices=samples.indices,
-                           progress=progress,
+                           progress=progress if is_main() else False,
                            provenance={"teacher": teacher.path, "teacher_sha256": teacher_sha256(teacher, oracle),
                                        "data": samples.name, "split": samples.split})
 
@@ -135,8 +137,8 @@ def distill_job(teacher: TeacherSpec, method: Literal["ce", "whitebox-kd", "soft
         idx = choose_subset(len(splits.train), subset, seed) if subset is not None else torch.arange(len(splits.train))
     sub = splits.train.subset(idx)
     y = sub.y
-    if method == "ce":
-        y = load_oracle(teacher, device=device)(sub.x.to(device)).cpu()
+    if method == "ce":  # under torchrun each image is asked once, by one rank
+        y = label_sharded(load_oracle(teacher, device=device), sub.x.to(device)).cpu()
     elif method == "whitebox-kd":
         tl = teacher_logits(teacher, sub.x, device)
     return distill_student(student, sub.x, y, (splits.val.x, splits.val.y), (splits.test.x, splits.test.y), train,
@@ -181,14 +183,14 @@ def random_job(teacher: TeacherSpec, data: DataSettings, student: str, train: Tr
     if not 1 <= val < samples:
         raise ConfigError(f"need 1 <= --random-val < --random-samples, got {val}, {samples}")
     teacher.check()
-    oracle: LabelOracle = load_oracle(teacher, device=device, budget=query_budget)
+    oracle: LabelOracle = load_oracle(teacher, device=device, budget=split_budget(query_budget))
     test = data.load("test")
     if tuple(test.x.shape[1:]) != tuple(oracle.input_shape):
         raise ConfigError(f"test images have shape {tuple(test.x.shape[1:])}, the teacher takes {oracle.input_shape}")
     check_buildable(student, oracle.input_shape, oracle.num_classes, "student architecture")
     check_plan(f"labels of {samples:,} random images", samples, query_budget, plan_only)
     x, y = label_random_images(oracle, kind, samples, seed, device=device, work_dir=labels_dir or f"{out}.labels",
-                               progress=progress)
+                               progress=progress if is_main() else False)
     n = samples - val
     m = distill_student(student, x[:n], y[:n], (x[n:], y[n:]), (test.x, test.y), train, out, seed=seed,
                         num_classes=len(test.classes), device=device, desc="student[random]", progress=progress,
@@ -208,19 +210,12 @@ def evaluate_job(model: TeacherSpec, data: DataSettings, device: str = "cpu") ->
 
 def synthesize_job(teacher: TeacherSpec, settings, out: str | os.PathLike, *, device: str = "cpu",
                    query_budget: int | None = None, plan_only: bool = False, progress: bool | None = None):
-    """Pseudo samples (ZSDB3KD) into ``out``; ``<out>.parts`` keeps the state between rounds."""
-    import shutil
-
-    from ..synthesis import synthesize
+    """Pseudo samples (ZSDB3KD) into ``out``; ``<out>.parts`` keeps the finished chunks. Under
+    torchrun each rank gets its share of ``query_budget`` and rank 0 alone writes ``out``."""
+    from ..synthesis import synthesize_to_file
 
     teacher.check()
-    oracle = load_oracle(teacher, device=device, budget=query_budget)
+    oracle = load_oracle(teacher, device=device, budget=split_budget(query_budget))
     check_plan(f"synthesis of {settings.per_class * oracle.num_classes:,} pseudo samples",
                settings.max_queries(oracle.num_classes), query_budget, plan_only)
-    out = Path(out)
-    parts = out.with_name(out.name + ".parts")
-    ps = synthesize(oracle, settings, device=device, work_dir=parts, progress=progress)
-    ps.save(out)
-    shutil.rmtree(parts, ignore_errors=True)
-    return ps
-
+    return synthesize_to_file(out, oracle, settings, device=device, progress=progress if is_main() else False)

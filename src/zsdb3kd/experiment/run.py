@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from ..data import ImageSet, choose_subset, train_val_split
 from ..distill import TrainSettings
 from ..oracle import HttpOracle, load_oracle, teacher_logits
+from ..parallel import is_main, label_sharded, split_budget
 from ..robustness import CandidatePool, RobustnessResult
 from ..settings import ConfigError, content_key, validate
 from ..store import environment, generator, write_json
@@ -85,7 +85,8 @@ def run_experiment(config: RunConfig | str | os.PathLike, run_dir: str | os.Path
     report, extras = mode(cfg, run, teacher, teacher_sha, teacher_metrics, progress)
     report["wall_time_s"] = round(time.perf_counter() - t_start, 1)
     report["environment"] = environment()
-    write_report(run, report, extras)
+    if is_main():
+        write_report(run, report, extras)
     return report
 
 
@@ -118,7 +119,8 @@ def _training(section) -> TrainSettings:
 
 
 def _open(cfg: RunConfig, teacher: str, budget: int | None = None):
-    return load_oracle(cfg.teacher.spec(teacher), device=cfg.device, budget=budget)
+    """The teacher as a label-only oracle; under torchrun with this rank's share of ``budget``."""
+    return load_oracle(cfg.teacher.spec(teacher), device=cfg.device, budget=split_budget(budget))
 
 
 def _teacher_test_acc(cfg: RunConfig, teacher: str, test: ImageSet, metrics: dict[str, Any]) -> float:
@@ -165,7 +167,7 @@ def _run_db3kd(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, teache
         key_parts = [teacher_sha, splits.fingerprint, sub_idx.tolist()]
         if method == "ce":
             row = {"method": spec, "label": "hard labels (teacher)", "queries_per_pair": 0, "total_queries": len(sub)}
-            make = lambda: (sub.x, oracle(sub.x.to(device)).cpu(), None)  # noqa: E731
+            make = lambda: (sub.x, label_sharded(oracle, sub.x.to(device)).cpu(), None)  # noqa: E731
         elif method == "whitebox-kd":
             row = {"method": spec, "label": "white-box KD (upper bound: needs the teacher's logits)",
                    "queries_per_pair": None, "total_queries": None}
@@ -189,7 +191,7 @@ def _run_db3kd(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, teache
 def _run_zero_shot(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, teacher_metrics, progress):
     """ZSDB3KD: nothing after the teacher stage sees real training data (only the test set,
     once per student, for the final accuracy)."""
-    from ..synthesis import PseudoSamples, label_random_images, synthesize
+    from ..synthesis import PseudoSamples, label_random_images, synthesize_to_file
 
     device = cfg.device
     test = cfg.data.load("test")
@@ -205,10 +207,7 @@ def _run_zero_shot(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, te
         pseudo = PseudoSamples.load(ppath)
     else:
         log.info(f"synthesis: {ss.per_class} x {num_classes} pseudo samples, {ss.iterations} rounds")
-        parts = ppath.with_name(ppath.name + ".parts")
-        pseudo = synthesize(oracle, ss, device=device, work_dir=parts, progress=progress)
-        pseudo.save(ppath)
-        shutil.rmtree(parts, ignore_errors=True)
+        pseudo = synthesize_to_file(ppath, oracle, ss, device=device, progress=progress)
     q_syn = int(pseudo.provenance["total_queries"])
     log.info(f"synthesis: {q_syn:,} queries; mean boundary distance {pseudo.mean_distance[0]:.3f} -> "
              f"{pseudo.mean_distance[-1]:.3f}")
@@ -241,7 +240,7 @@ def _run_zero_shot(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, te
 
             def make(n=n):
                 xs = torch.rand(n, *oracle.input_shape, generator=generator(cfg.seed, "noise-ce"))
-                return xs, oracle(xs.to(device)).cpu(), None
+                return xs, label_sharded(oracle, xs.to(device)).cpu(), None
         elif method == "random-ce":
             n_train, epochs = st.random_samples - st.random_val, st.random_epochs
             row = {"method": spec, "label": f"random {st.random_kind} images, hard labels ({n_train:,} samples, "

@@ -20,6 +20,7 @@ from ..data import Splits
 from ..distill import TrainSettings, accuracy, train
 from ..models import create_model
 from ..oracle import LabelOracle, teacher_sha256
+from ..parallel import is_main
 from ..robustness import CandidatePool, RobustnessResult, RobustnessSettings, compute_to_file
 from ..settings import content_key
 from ..store import environment, write_json
@@ -52,8 +53,9 @@ def train_teacher(splits: Splits, arch: str, out: str | os.PathLike, config: Tra
     res = train(model, splits.train.x, splits.train.y, splits.val.x, splits.val.y, config, seed=seed, device=device,
                 desc=f"teacher[{arch}]", progress=progress, checkpoint=training_checkpoint(out))
     test_acc = accuracy(model, splits.test.x, splits.test.y, device=device)
-    save_weights(model, out, arch=arch, input_shape=splits.train.shape, num_classes=len(splits.train.classes),
-                 extra={"test_acc": f"{test_acc:.4f}", "data": splits.train.name})
+    if is_main():  # under torchrun every rank holds the same weights; rank 0 writes them
+        save_weights(model, out, arch=arch, input_shape=splits.train.shape, num_classes=len(splits.train.classes),
+                     extra={"test_acc": f"{test_acc:.4f}", "data": splits.train.name})
     return {"arch": arch, "val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
             "train_time_s": round(res.wall_time_s, 2), "train_config": config.model_dump(mode="json"), "seed": seed,
             "data": splits.train.name}
@@ -70,8 +72,9 @@ def distill_student(arch: str, x: torch.Tensor, y: torch.Tensor, val: tuple[torc
     res = train(model, x, y, val[0], val[1], config, seed=seed, teacher_logits=teacher_logits, device=device,
                 desc=desc, progress=progress, checkpoint=training_checkpoint(out))
     test_acc = accuracy(model, test[0], test[1], device=device)
-    save_weights(model, out, arch=arch, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
-                 extra={"test_acc": f"{test_acc:.4f}", **(extra or {})})
+    if is_main():
+        save_weights(model, out, arch=arch, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
+                     extra={"test_acc": f"{test_acc:.4f}", **(extra or {})})
     return {"val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
             "train_time_s": round(res.wall_time_s, 2)}
 
@@ -145,6 +148,7 @@ def student_row(spec: str, arch: str, run: Path, config: TrainSettings, seed: in
                               num_classes=num_classes, device=device, desc=f"student[{spec}]", progress=progress,
                               extra={"method": spec})
     metrics["environment"] = environment()
-    write_json(mpath, metrics)
+    if is_main():
+        write_json(mpath, metrics)
     log.info(f"student[{spec}]: val {metrics['val_acc']:.2f}%  test {metrics['test_acc']:.2f}%")
     return metrics

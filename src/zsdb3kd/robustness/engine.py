@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ..oracle import LabelOracle
-from ..parallel import WorkDirectoryRemoved, is_main, prepare_work_dir, run_chunks
+from ..parallel import WorkDirectoryRemoved, all_gather, is_main, pool_budget, prepare_work_dir, run_chunks, world
 from ..progress import QueryProgress
 from ..settings import Settings
 from ..store import generator
@@ -202,25 +202,29 @@ def compute_robustness(
     cs = settings.chunk_size
     n_chunks = (N + cs - 1) // cs
     q_before, t0 = oracle.queries, time.perf_counter()
-    pending = sum(1 for c in range(n_chunks) if parts is None or not (parts / f"chunk-{c:05d}.safetensors").exists())
-    bound = min(N, pending * cs) * (1 + (oracle.num_classes - 1) * est.max_queries_per_pair(settings.queries_per_pair))
-    reused_queries = 0
-    with QueryProgress(N, f"robustness[{settings.name}]", enabled=progress, max_queries=bound) as bar:
+    per_sample = 1 + (oracle.num_classes - 1) * est.max_queries_per_pair(settings.queries_per_pair)
+
+    def need(chunks: list[int]) -> int:
+        """The most queries ``chunks`` can cost."""
+        return sum(min(N, (c + 1) * cs) - c * cs for c in chunks) * per_sample
+
+    with QueryProgress(N, f"robustness[{settings.name}]", enabled=progress) as bar:
         def compute(c: int) -> dict[str, torch.Tensor]:
             sl = slice(c * cs, min(N, (c + 1) * cs))
             return robustness_chunk(oracle, x[sl], settings, pool, generator(settings.seed, "robustness-chunk", c),
                                     est, on_query=bar.queries)
 
-        def on_chunk(c: int, tensors: dict[str, torch.Tensor], reused: bool) -> None:
-            nonlocal reused_queries
-            if reused:
-                reused_queries += int(tensors["queries"].sum()) + len(tensors["teacher_labels"])
-            bar.advance(len(tensors["teacher_labels"]))
+        def before(mine: list[int]) -> None:
+            bar.max_queries = need(mine)
+            pool_budget(oracle, need(mine))  # torchrun: the ranks' budgets follow the work each was dealt
 
-        chunks, report = run_chunks(n_chunks, compute, parts, on_chunk=on_chunk)
+        chunks, report = run_chunks(n_chunks, compute, parts, before=before,
+                                    on_chunk=lambda c, t, reused: bar.advance(len(t["teacher_labels"])))
     wall = time.perf_counter() - t0
     cat = {k: torch.cat([r[k] for r in chunks]) for k in chunks[0]}
-    spent = oracle.queries - q_before
+    reused_queries = sum(int(chunks[c]["queries"].sum()) + len(chunks[c]["teacher_labels"]) for c in report.reused)
+    per_rank = all_gather(oracle.queries - q_before)  # what each torchrun rank paid ([this process] otherwise)
+    spent = sum(per_rank)
     if report.reused:
         log.info(f"robustness[{settings.name}]: reused {len(report.reused)} of {n_chunks} finished chunks "
                  f"({reused_queries:,} queries not paid again); paid {spent:,} new queries")
@@ -228,8 +232,10 @@ def compute_robustness(
     prov.update(settings=settings.model_dump(mode="json"), settings_key=key, estimator=repr(est), n_samples=N,
                 label_queries=N, pair_queries=int(cat["queries"].sum()), total_queries=int(cat["queries"].sum()) + N,
                 queries_this_session=spent, queries_reused_from_chunks=reused_queries,
-                chunks_reused=len(report.reused), chunks_computed=len(report.computed),
+                chunks_reused=len(report.reused), chunks_computed=n_chunks - len(report.reused), ranks=world()[1],
                 wall_time_s=round(wall, 3), queries_per_s=round(spent / max(wall, 1e-9), 1))
+    if world()[1] > 1:
+        prov["queries_per_rank"] = per_rank
     return RobustnessResult(distances=cat["distances"], queries=cat["queries"], teacher_labels=cat["teacher_labels"],
                             indices=indices.cpu().long(), checkpoints=torch.tensor(settings.all_checkpoints),
                             provenance=prov)
@@ -240,8 +246,9 @@ def compute_to_file(out: str | os.PathLike, oracle: LabelOracle, x: torch.Tensor
     """:func:`compute_robustness` into the file ``out``, with its finished chunks kept in
     ``<out>.parts`` until the result is saved: an interrupted run resumes, and several
     workers (processes running the same command, or torchrun ranks) share the work. The
-    result is saved once (by the worker that finishes last, or rank 0) and the chunks are
-    removed; a worker still waiting then loads the saved result."""
+    result is saved once (by the worker that finishes last, or rank 0, once every rank has
+    read every chunk) and the chunks are removed; a worker still waiting then loads the
+    saved result."""
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     try:
@@ -250,7 +257,7 @@ def compute_to_file(out: str | os.PathLike, oracle: LabelOracle, x: torch.Tensor
         if not out.is_file():
             raise
         return RobustnessResult.load(out)
-    if is_main():
+    if is_main():  # under torchrun run_chunks returned after its last barrier: nobody reads the chunks any more
         res.save(out)
         shutil.rmtree(parts, ignore_errors=True)
     return res

@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..oracle import LabelOracle
-from ..parallel import prepare_work_dir, run_chunks
+from ..parallel import pool_budget, prepare_work_dir, run_chunks
 from ..progress import QueryProgress
 from ..store import derive_seed
 
@@ -106,7 +106,11 @@ def label_random_images(oracle: LabelOracle, kind: str, n: int, seed: int, *, ch
             bar.queries(len(y))
             return {"y": y}
 
-        chunks, report = run_chunks(n_chunks, compute, parts, on_chunk=lambda c, t, reused: bar.advance(len(t["y"])))
+        def before(mine: list[int]) -> None:  # under torchrun: this rank's share of the budget follows its chunks
+            pool_budget(oracle, sum(min(n, (c + 1) * chunk) - c * chunk for c in mine))
+
+        chunks, report = run_chunks(n_chunks, compute, parts, before=before,
+                                    on_chunk=lambda c, t, reused: bar.advance(len(t["y"])))
     if report.reused:
         reused = sum(len(chunks[c]["y"]) for c in report.reused)
         log.info(f"random[{kind}]: {reused:,} labels read from {work_dir} (not paid again); "
