@@ -323,7 +323,7 @@ def _cmd_soft_labels(args) -> int:
 
 
 def _cmd_distill(args) -> int:
-    from .experiment.jobs import PlanOnly, distill_job, random_job
+    from .experiment.jobs import distill_job, random_job
 
     common, teacher, data, train = COMMON.build(args), TEACHER.build(args), DATA.build(args), TRAIN.build(args)
     if args.method == "random":
@@ -337,12 +337,10 @@ def _cmd_distill(args) -> int:
               f"teacher queries): val {m['val_acc']:.2f}% (held-out random images)  test {m['test_acc']:.2f}%  "
               f"-> {args.out}")
         return 0
-    if args.plan:
-        raise PlanOnly("distill: at most one teacher query per training image (method ce), none otherwise")
     m = distill_job(teacher, args.method, data, args.student, train, args.out, seed=common.seed, subset=args.subset,
                     robustness=args.robustness, soft_labels=args.soft_labels, at_queries=args.at_queries,
                     pseudo=args.pseudo, val_fraction=args.val_fraction, device=common.device,
-                    progress=_progress(args))
+                    query_budget=args.query_budget, plan_only=args.plan, progress=_progress(args))
     kind = "zero-shot " if args.pseudo else ""
     print(f"{args.student} ({kind}{args.method}): val {m['val_acc']:.2f}%  test {m['test_acc']:.2f}%  -> {args.out}")
     return 0

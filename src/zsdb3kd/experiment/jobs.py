@@ -117,11 +117,15 @@ def distill_job(teacher: TeacherSpec, method: Literal["ce", "whitebox-kd", "soft
                 train: TrainSettings, out: str | os.PathLike, *, seed: int = 0, subset: int | None = None,
                 robustness: str | None = None, soft_labels: str | None = None, at_queries: int | None = None,
                 pseudo: str | None = None, val_fraction: float = 0.1, device: str = "cpu",
+                query_budget: int | None = None, plan_only: bool = False,
                 progress: bool | None = None) -> dict[str, Any]:
     """A student from the teacher's hard labels (``ce``), its real logits (``whitebox-kd``, an
     upper bound) or boundary-distance soft labels (``soft``); on real training images, or,
-    with ``pseudo``, on pseudo samples (only the real test split is read)."""
+    with ``pseudo``, on pseudo samples (only the real test split is read). Only ``ce`` asks
+    the teacher anything: one label per training image."""
     teacher.check()
+    if method != "ce" or pseudo:
+        check_plan(f"distill --method {method}", 0, query_budget, plan_only)
     if pseudo:
         return _distill_pseudo(teacher, method, data, student, train, out, seed, robustness, soft_labels, at_queries,
                                pseudo, val_fraction, device, progress)
@@ -137,6 +141,8 @@ def distill_job(teacher: TeacherSpec, method: Literal["ce", "whitebox-kd", "soft
         idx = choose_subset(len(splits.train), subset, seed) if subset is not None else torch.arange(len(splits.train))
     sub = splits.train.subset(idx)
     y = sub.y
+    if method == "ce":
+        check_plan(f"labels of {len(sub):,} training images", len(sub), query_budget, plan_only)
     if method == "ce":  # under torchrun each image is asked once, by one rank
         y = label_sharded(load_oracle(teacher, device=device), sub.x.to(device)).cpu()
     elif method == "whitebox-kd":
@@ -205,6 +211,7 @@ def evaluate_job(model: TeacherSpec, data: DataSettings, device: str = "cpu") ->
     oracle = load_oracle(model, device=device)
     if tuple(test.x.shape[1:]) != tuple(oracle.input_shape):
         raise ConfigError(f"test images have shape {tuple(test.x.shape[1:])}, the model takes {oracle.input_shape}")
+    check_plan(f"labels of {len(test):,} test images", len(test), None, False)
     return float((oracle(test.x.to(device)).cpu() == test.y).float().mean() * 100)
 
 
