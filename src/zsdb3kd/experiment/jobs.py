@@ -51,7 +51,8 @@ def check_plan(what: str, planned: int, query_budget: int | None, plan_only: boo
     if query_budget is None and planned > CONFIRM_ABOVE:
         raise ConfigError(f"{what} may spend up to {planned:,} queries ({when}); confirm with --query-budget "
                           f"{planned} or lower the work (--subset, --queries-per-pair); nothing was spent")
-    log.info(f"plan: {text}")
+    if planned:  # a job that asks nothing says nothing; its own errors come first
+        log.info(f"plan: {text}")
 
 
 @dataclass
