@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 from .cliargs import SettingsFlags
+from .budget import BudgetSettings
 from .data import DataSettings
 from .distill import TrainSettings
 from .experiment.config import TeacherSection
@@ -44,6 +45,7 @@ COMMON = SettingsFlags(Common)
 ROBUSTNESS = SettingsFlags(RobustnessSettings, exclude=["seed"])
 SYNTHESIS = SettingsFlags(SynthesisSettings, exclude=["seed"])
 TRAIN = SettingsFlags(TrainSettings)
+BUDGET = SettingsFlags(BudgetSettings)
 TEACHER_TRAIN = SettingsFlags(TeacherSection, only=["arch", "epochs", "batch_size", "lr", "weight_decay", "augment"],
                               title="Teacher training")
 
@@ -144,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
            ("--labels-dir", {"default": None, "help": "method random: where the labels are kept (default "
                                                      "<out>.labels)"}),
            _QB, _PLAN, _OUT, _PROGRESS)
+
+    p = _add(sub, "extract", "the best student for a total query budget (zero-shot, or a pool of your unlabelled "
+                             "images)")
+    TEACHER.add(p), DATA.add(p), COMMON.add(p), BUDGET.add(p)
+    _extra(p, ("--budget", {"type": int, "required": True, "help": "total teacher queries (never exceeded)"}),
+           ("--student", {"default": "lenet5-half", "help": "student architecture (see list-models)"}),
+           ("--pool", {"default": "none", "choices": ["none", "train"], "help": "train: the training images of "
+                       "--data are the candidates (their labels are never read); none: synthetic images only"}),
+           ("--no-evaluate", {"action": "store_true", "help": "skip the test accuracy (no --data needed)"}),
+           ("--work-dir", {"default": None, "help": "answered queries and per-round state, for resuming (default "
+                                                   "<out>.work)"}), _QB, _PLAN, _OUT)
 
     p = _add(sub, "evaluate", "test accuracy of a weights file, ONNX model or label server URL")
     SettingsFlags(TeacherSpec, rename={"path": "model"}, exclude=["query_log"]).add(p)
@@ -346,6 +359,20 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+def _cmd_extract(args) -> int:
+    from .experiment.extract import extract_job
+
+    common, teacher = COMMON.build(args), TEACHER.build(args)
+    data = None if args.no_evaluate and args.pool == "none" else DATA.build(args)
+    m = extract_job(teacher, args.student, args.budget, args.out, settings=BUDGET.build(args), data=data,
+                    pool=args.pool == "train", evaluate=not args.no_evaluate, seed=common.seed, work_dir=args.work_dir, device=common.device,
+                    query_budget=args.query_budget, plan_only=args.plan)
+    test = f"  test {m['test_acc']:.2f}%" if "test_acc" in m else ""
+    print(f"{args.student} (budgeted, {m['queries']:,} queries, {m['paid_this_run']:,} paid now): held-out agreement "
+          f"{m['agreement_held_out']:.2f}%{test}  -> {args.out}")
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from .experiment.jobs import evaluate_job
 
@@ -392,5 +419,5 @@ def _cmd_list_models(args) -> int:
 
 _COMMANDS = {"run": _cmd_run, "train-teacher": _cmd_train_teacher, "robustness": _cmd_robustness,
              "synthesize": _cmd_synthesize, "soft-labels": _cmd_soft_labels, "distill": _cmd_distill,
-             "evaluate": _cmd_evaluate, "serve": _cmd_serve, "export-onnx": _cmd_export_onnx,
-             "list-models": _cmd_list_models}
+             "extract": _cmd_extract, "evaluate": _cmd_evaluate, "serve": _cmd_serve,
+             "export-onnx": _cmd_export_onnx, "list-models": _cmd_list_models}

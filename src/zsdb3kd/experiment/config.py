@@ -3,7 +3,8 @@
 Each section is a settings class the library and the command line share: ``[data]``
 (:class:`~zsdb3kd.data.DataSettings`), ``[teacher]`` (how to read or train the teacher),
 ``[robustness]`` (:class:`~zsdb3kd.robustness.SearchFields`), ``[synthesis]``
-(:class:`~zsdb3kd.synthesis.SynthesisFields`) and ``[student]``. Unknown
+(:class:`~zsdb3kd.synthesis.SynthesisFields`), ``[student]`` and ``[budget]``
+(:class:`~zsdb3kd.budget.BudgetSettings`, the recipe of the ``budgeted@N`` students). Unknown
 keys, wrong types and impossible combinations are reported at load time, all at once,
 naming the key, the value and what was expected. Nothing in a config file is executed.
 """
@@ -17,6 +18,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..budget import BudgetSettings
 from ..data import DataSettings
 from ..distill import TrainSettings
 from ..models import MODELS
@@ -27,6 +29,8 @@ from ..synthesis import SynthesisFields
 
 #: student methods that need no boundary distances, per mode
 BASELINES = {"db3kd": ("ce", "whitebox-kd"), "zero-shot": ("noise-ce", "zs-ce", "random-ce")}
+#: students of the budgeted engine, ``<kind>@<total queries>``, per mode
+BUDGETED = {"db3kd": ("budgeted", "budgeted-pool", "random"), "zero-shot": ("budgeted", "random")}
 
 
 def _known_arch(v: str) -> str:
@@ -74,8 +78,8 @@ class StudentSection(TrainSettings):
 
     arch: str = Field("lenet5-half", description="student architecture")
     methods: list[str] = Field(["ce", "sd", "hybrid@1000"], description="baselines (db3kd: ce, whitebox-kd; "
-                               "zero-shot: noise-ce, zs-ce, random-ce) or '<robustness method>@<queries "
-                               "per pair>'")
+                               "zero-shot: noise-ce, zs-ce, random-ce), '<robustness method>@<queries "
+                               "per pair>', or budgeted students '<budgeted|budgeted-pool|random>@<total queries>'")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="zero-shot: share of pseudo samples held out for "
                                                              "selection")
     noise_samples: int | None = Field(None, ge=1, description="noise-ce: images (default: the zero-shot query total, "
@@ -110,6 +114,7 @@ class RunConfig(Settings):
     robustness: RobustnessSection = RobustnessSection()
     synthesis: SynthesisFields = SynthesisFields()
     student: StudentSection = StudentSection()
+    budget: BudgetSettings = BudgetSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
@@ -130,6 +135,13 @@ def parse_student_method(spec: str, cfg: RunConfig) -> tuple[str, int | None]:
     spec of ``[robustness] methods`` with the budget after ``@`` (default: ``queries_per_pair``)."""
     if spec in BASELINES[cfg.mode]:
         return spec, None
+    kind, at, total = spec.partition("@")
+    if kind in BUDGETED["db3kd"]:
+        if kind not in BUDGETED[cfg.mode]:
+            raise ValueError(f"student method {spec!r}: {kind} needs real unlabelled images (mode db3kd)")
+        if not at or not total.isdigit() or int(total) < 1:
+            raise ValueError(f"student method {spec!r}: write {kind}@<total queries>, e.g. {kind}@10000")
+        return kind, int(total)
     other = {b for bs in BASELINES.values() for b in bs}
     if spec in other:
         raise ValueError(f"student method {spec!r} is not available in mode {cfg.mode!r}; baselines there: "

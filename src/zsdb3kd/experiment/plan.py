@@ -9,7 +9,7 @@ import torch
 from ..data import train_val_split
 from ..robustness import RobustnessSettings
 from ..synthesis import SynthesisSettings
-from .config import RunConfig, parse_student_method
+from .config import BUDGETED, RunConfig, parse_student_method
 
 
 def robustness_settings(cfg: RunConfig, method: str) -> RobustnessSettings:
@@ -66,9 +66,12 @@ def plan_queries(cfg: RunConfig, num_classes: int, n_test: int) -> list[dict[str
         add(f"robustness[{method}]", f"{n_samples:,} {where} x {K - 1} targets x {rs.per_pair():,} + their labels",
             robust[method])
     for spec in cfg.student.methods:
-        method, _ = parse_student_method(spec, cfg)
+        method, total = parse_student_method(spec, cfg)
         st = cfg.student
-        if method == "ce":
+        if method in BUDGETED["db3kd"]:
+            rounds = 1 if method == "random" else cfg.budget.rounds + 1
+            add(f"student[{spec}]", f"{total:,} images chosen in {rounds} round(s) (kept for reruns)", total)
+        elif method == "ce":
             add(f"student[{spec}]", f"labels of {n_samples:,} {where}", n_samples)
         elif method == "noise-ce":
             most = max([syn_total, st.random_samples if "random-ce" in needed else 0,

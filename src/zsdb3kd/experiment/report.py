@@ -17,6 +17,15 @@ log = logging.getLogger("zsdb3kd")
 #: (ten seeds of the same student differed by 0.6 to 1.0 points in our DB3KD study)
 NOISE_POINTS = 1.0
 
+#: the budgeted engine's row kinds (``<kind>@<total queries>``) and how the plot names them
+BUDGETED_LABELS = {"budgeted": "budgeted (synthetic images)", "budgeted-pool": "budgeted (real unlabelled pool)",
+                   "random": "random images (ingredients off)"}
+
+
+def _kind(row: dict[str, Any]) -> tuple[str, int | None]:
+    kind, _, total = row["method"].partition("@")
+    return (kind, int(total)) if kind in BUDGETED_LABELS and total.isdigit() else (kind, None)
+
 
 def _fmt(v: Any, nd: int = 2) -> str:
     if v is None:
@@ -40,7 +49,14 @@ def findings(report: dict[str, Any]) -> list[str]:
     out.append(f"The best label-only student is `{best['method']}` ({best.get('label', '')}): "
                f"{best['test_acc']:.2f}% test accuracy for {_fmt(best.get('total_queries'))} teacher queries"
                + (f", against the teacher's {t:.2f}%." if t is not None else "."))
+    by = {_kind(r): r for r in rows}
+    for (kind, n), r in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        rnd = by.get(("random", n))
+        if kind in ("budgeted", "budgeted-pool") and rnd is not None:
+            out.append(f"At {n:,} queries the {BUDGETED_LABELS[kind]} student reaches {r['test_acc']:.2f}%, "
+                       f"{r['test_acc'] - rnd['test_acc']:+.2f} points against random images for the same bill.")
     base = next((r for r in rows if r["method"] in ("ce", "zs-ce")), None)
+    soft_below = False
     if base is not None:
         for r in rows:
             if r is base or not r.get("queries_per_pair"):
@@ -50,6 +66,12 @@ def findings(report: dict[str, Any]) -> list[str]:
             verdict = ("within seed noise of" if abs(diff) < NOISE_POINTS else "above" if diff > 0 else "below")
             out.append(f"`{r['method']}` is {diff:+.2f} points, {verdict} the hard labels (`{base['method']}`), "
                        f"for {ratio:,.0f}x their queries.")
+            soft_below |= diff < NOISE_POINTS
+    if soft_below:
+        out.append("Boundary-distance soft labels (the paper's DB3KD) spend hundreds of queries on each image's label. "
+                   "On the same few images they add little to a hard label, and per query they are far behind: "
+                   "the same bill buys hard labels for hundreds of times more images, which the budgeted student "
+                   "spends on images it chooses.")
     wb = next((r for r in rows if r["method"] == "whitebox-kd"), None)
     if wb is not None and base is not None and wb["test_acc"] < base["test_acc"] - NOISE_POINTS:
         out.append("White-box KD (the teacher's real logits) is below the hard labels here: with few training images "
@@ -78,7 +100,8 @@ def write_report(run: Path, report: dict[str, Any], extras: dict[str, Any] | Non
     lines += [f"- {s}" for s in findings(report)]
     lines += ["", "![test accuracy against teacher queries](accuracy_vs_queries.png)", "",
               "*Test accuracy of each student against the teacher queries it cost (log scale). Lines join the "
-              "soft-label students of one boundary-distance method at growing queries per pair; dashed lines are "
+              "budgeted students of one kind at growing budgets and the soft-label students of one boundary-distance "
+              "method at growing queries per pair; dashed lines are "
               "students that cost no extra queries or need white-box access.*", "", "## Students", "",
               "| student | method | budget per pair | mean queries per pair | total teacher queries | soft-label time (s) "
               "| train time (s) | val acc (%) | test acc (%) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -134,7 +157,10 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     curves: dict[str, list[tuple[int, float]]] = {}
     for r in report["students"]:
         acc, q = r["test_acc"], r.get("total_queries")
-        if r.get("queries_per_pair"):
+        kind, n = _kind(r)
+        if n is not None:
+            curves.setdefault(BUDGETED_LABELS[kind], []).append((q, acc))
+        elif r.get("queries_per_pair"):
             curves.setdefault(r["method"].rpartition("@")[0], []).append((q, acc))
         elif q:
             ax.plot([q], [acc], "o", ms=7, label=f"{r['method']} ({acc:.2f}%)")
@@ -143,7 +169,9 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     prefix = "ZSDB3KD" if report.get("mode") == "zero-shot" else "DB3KD"
     for name, pts in curves.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s-", label=f"{prefix}-{name} (soft labels)")
+        label = name if name in BUDGETED_LABELS.values() else f"{prefix}-{name} (soft labels)"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "^-" if name in BUDGETED_LABELS.values() else "s-",
+                label=label)
     if report["teacher"].get("test_acc") is not None:
         ax.axhline(report["teacher"]["test_acc"], color="k", ls=":", label="teacher")
     ax.set_xscale("log")

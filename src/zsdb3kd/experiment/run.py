@@ -25,7 +25,8 @@ from ..parallel import is_main, label_sharded, split_budget
 from ..robustness import CandidatePool, RobustnessResult
 from ..settings import ConfigError, content_key, validate
 from ..store import environment, generator, write_json
-from .config import RunConfig, load_config, parse_student_method
+from .config import BUDGETED, RunConfig, load_config, parse_student_method
+from .extract import budgeted_row
 from .plan import format_plan, plan_queries, planned_total, robustness_settings, synthesis_settings
 from .report import write_report
 from .stages import (check_buildable, oracle_accuracy, robustness_stage, soft_row, student_row, teacher_key,
@@ -165,6 +166,12 @@ def _run_db3kd(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, teache
     for spec in cfg.student.methods:
         method, budget = parse_student_method(spec, cfg)
         key_parts = [teacher_sha, splits.fingerprint, sub_idx.tolist()]
+        if method in BUDGETED["db3kd"]:
+            images = splits.train if method == "budgeted-pool" else None
+            rows.append({"method": spec, **budgeted_row(method, budget, oracle, cfg.student.arch, cfg.budget, cfg.seed,
+                                                        run, teacher_sha, splits.test, images, device,
+                                                        [splits.fingerprint])})
+            continue
         if method == "ce":
             row = {"method": spec, "label": "hard labels (teacher)", "queries_per_pair": 0, "total_queries": len(sub)}
             make = lambda: (sub.x, label_sharded(oracle, sub.x.to(device)).cpu(), None)  # noqa: E731
@@ -222,11 +229,17 @@ def _run_zero_shot(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, te
     for method, budget, _ in specs:
         if method == "random-ce":
             max_total = max(max_total, st.random_samples)
+        elif method in BUDGETED["db3kd"]:
+            max_total = max(max_total, budget)
         elif method not in ("noise-ce", "zs-ce"):
             max_total = max(max_total, soft_row(method, budget, results[method][0], q_syn)[0]["total_queries"])
     rows = []
     for method, budget, spec in specs:
         key_parts, epochs = [teacher_sha, pkey], None
+        if method in BUDGETED["zero-shot"]:
+            rows.append({"method": spec, **budgeted_row(method, budget, oracle, st.arch, cfg.budget, cfg.seed, run,
+                                                        teacher_sha, test, None, device, [])})
+            continue
         if method == "zs-ce":
             row = {"method": spec, "label": "pseudo samples, hard labels", "queries_per_pair": 0,
                    "total_queries": q_syn}

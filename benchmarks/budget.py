@@ -1,0 +1,206 @@
+"""Student accuracy per teacher query: the budgeted student against the baselines and its ablations.
+
+    python benchmarks/budget.py --datasets fashion-mnist mnist --budgets 5000 10000 20000 50000 200000 \
+        --seeds 0 1 2 --methods random paper budgeted --out docs/results/budget.json
+
+For every (dataset, method, budget, seed) cell it trains one student with at most ``budget``
+teacher queries (no real training data, unless the method says ``pool``), then measures test
+accuracy and fidelity (agreement with the teacher) on the test split, once. Cells already in
+``--out`` are skipped, so the grid can be filled by several invocations (and rerun cheaply);
+``python scripts/results_pages.py`` turns the JSON into ``docs/results/budget.md``.
+
+Methods:
+* ``random``: today's ``distill --method random``: random low-frequency images labelled by the
+  teacher, one query each, trained with cross-entropy (selection on 5% of them).
+* ``paper``: the paper's zero-shot chain scaled to fit the budget (pseudo samples pushed from
+  the teacher's boundaries, hard labels); only where it fits.
+* ``budgeted``: the budgeted student with its default recipe; ``budgeted-<ablation>`` with one
+  ingredient switched off (see ``ABLATIONS``); ``budgeted-off``: every ingredient off (one
+  round of smooth random images, the engine's own ``random``).
+* ``pool``: the budgeted student with the real unlabelled training images as its candidates
+  (the DB3KD setting; labels are never read); ``pool-no-active``: chosen at random.
+* ``all-labels`` (reference): the student trained on every training image labelled by the
+  teacher (60,000 queries for the MNIST family); ``whitebox-kd``: on the teacher's logits.
+
+Teachers are trained once per dataset (``--teacher-dir``), as ``zsdb3kd train-teacher`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from zsdb3kd.data import DataSettings
+from zsdb3kd.distill import TrainSettings, accuracy, predict, train
+from zsdb3kd.experiment.stages import train_teacher
+from zsdb3kd.models import create_model
+from zsdb3kd.oracle import TorchOracle
+from zsdb3kd.store import write_json
+
+DATASETS = {  # name -> (data settings, teacher arch, teacher epochs, student arch)
+    "fashion-mnist": (DataSettings(name="fashion-mnist"), "lenet5", 20, "lenet5-half"),
+    "mnist": (DataSettings(name="mnist", root=str(Path(__file__).resolve().parents[2] / "shared/data/mnist")),
+              "lenet5", 20, "lenet5-half"),
+    "cifar10": (DataSettings(name="cifar10", root=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpg")),
+                "alexnet", 12, "alexnet-half"),
+}
+
+
+#: one ingredient off each (keys of zsdb3kd.budget.BudgetSettings)
+ABLATIONS = {
+    "": {},
+    "-no-active": {"acquisition": "random"},
+    "-no-mutate": {"mutate_fraction": 0.0},
+    "-blobs": {"candidates": {"smooth": 1.0}, "deform_p": 0.0, "cutmix_p": 0.0},
+    "-no-balance": {"class_balance": False, "balanced_sampling": False},
+    "-no-aug": {"augment_labelled": 0.0},
+    "-one-round": {"rounds": 0},
+    "-off": None,  # every ingredient off: zsdb3kd.experiment.extract.RANDOM
+}
+
+
+def parse(method: str) -> tuple[str, dict]:
+    """``(kind, overrides)`` of a method name."""
+    from zsdb3kd.experiment.extract import RANDOM
+
+    for kind in ("budgeted", "pool"):
+        if method.startswith(kind) and method[len(kind):] in ABLATIONS:
+            extra = ABLATIONS[method[len(kind):]]
+            return kind, dict(RANDOM) if extra is None else extra
+    if method in ("random", "paper", "all-labels", "whitebox-kd"):
+        return method, {}
+    raise SystemExit(f"unknown method {method!r}")
+
+
+def teacher_for(name: str, teacher_dir: Path) -> Path:
+    data, arch, epochs, _ = DATASETS[name]
+    path = teacher_dir / f"{name}-{arch}.safetensors"
+    if not path.exists():
+        from zsdb3kd.experiment.config import TeacherSection
+
+        t = TeacherSection(arch=arch, epochs=epochs, augment="flip-crop" if name == "cifar10" else "none")
+        cfg = TrainSettings(**t.model_dump(include=set(TrainSettings.model_fields)))
+        print(f"training the {name} teacher ({arch}, {epochs} epochs) -> {path}", flush=True)
+        m = train_teacher(data.splits(0), arch, path, cfg, seed=0, progress=False)
+        print(f"teacher test accuracy {m['test_acc']:.2f}%", flush=True)
+    return path
+
+
+def run_random(oracle, student: str, budget: int, seed: int):
+    from zsdb3kd.synthesis import label_random_images
+
+    x, y = label_random_images(oracle, "smooth", budget, seed, progress=False)
+    n_val = max(1, budget // 20)
+    torch.manual_seed(seed)
+    model = create_model(student, num_classes=oracle.num_classes, input_shape=oracle.input_shape)
+    epochs = max(5, min(200, 2_000_000 // budget))  # about the same number of steps at every budget
+    train(model, x[n_val:], y[n_val:], x[:n_val], y[:n_val], TrainSettings(epochs=epochs, batch_size=128), seed=seed,
+          progress=False)
+    return model
+
+
+def run_paper(oracle, student: str, budget: int, seed: int):
+    """The zero-shot chain at the largest size whose planned queries fit ``budget``."""
+    from zsdb3kd.data import train_val_split
+    from zsdb3kd.synthesis import SynthesisSettings, synthesize
+
+    K = oracle.num_classes
+    fitting = [s for s in (SynthesisSettings(per_class=pc, iterations=it, queries_per_search=q, search_k=10,
+                                             noise_queries=budget // 2, noise="smooth", seed=seed,
+                                             snapshots=())
+                           for pc, it, q in ((400, 4, 40), (200, 3, 30), (100, 2, 30), (50, 2, 20), (20, 1, 20)))
+               if s.max_queries(K) <= budget]
+    if not fitting:
+        return None
+    ps = synthesize(oracle, fitting[0], progress=False)
+    tr, va = train_val_split(ps.y, 0.1, seed)
+    torch.manual_seed(seed)
+    model = create_model(student, num_classes=K, input_shape=oracle.input_shape)
+    train(model, ps.x[tr], ps.y[tr], ps.x[va], ps.y[va], TrainSettings(epochs=200), seed=seed, progress=False)
+    return model
+
+
+def run_budgeted(oracle, student: str, budget: int, seed: int, overrides: dict, pool: torch.Tensor | None):
+    from zsdb3kd.budget import BudgetSettings, train_budgeted
+
+    return train_budgeted(oracle, student, budget, BudgetSettings().replace(**overrides), seed=seed,
+                          pool=pool).student
+
+
+def run_reference(kind: str, data: DataSettings, teacher: Path, student: str, seed: int):
+    from zsdb3kd.oracle import teacher_logits
+
+    splits = data.splits(seed)
+    oracle = TorchOracle.from_file(teacher)
+    y = oracle(splits.train.x)
+    tl = teacher_logits(str(teacher), splits.train.x) if kind == "whitebox-kd" else None
+    torch.manual_seed(seed)
+    model = create_model(student, num_classes=oracle.num_classes, input_shape=oracle.input_shape)
+    train(model, splits.train.x, y, splits.val.x, oracle(splits.val.x), TrainSettings(epochs=40, batch_size=128),
+          seed=seed, teacher_logits=tl, progress=False)
+    return model, oracle.queries
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datasets", nargs="+", default=["fashion-mnist"], choices=sorted(DATASETS))
+    ap.add_argument("--budgets", nargs="+", type=int, default=[5000, 10000, 20000, 50000, 200000])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=["random", "paper", "budgeted"])
+    ap.add_argument("--teacher-dir", default="runs/bench-teachers")
+    ap.add_argument("--out", default="docs/results/budget.json")
+    args = ap.parse_args()
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.exists() else {"command": "", "records": []}
+    done = {(r["dataset"], r["method"], r["budget"], r["seed"]) for r in doc["records"]}
+    doc["command"] = "python benchmarks/budget.py " + " ".join(sys.argv[1:])
+    for name in args.datasets:
+        data, _, _, student = DATASETS[name]
+        teacher = teacher_for(name, Path(args.teacher_dir))
+        test = data.load("test")
+        t_pred = TorchOracle.from_file(teacher)(test.x)
+        t_acc = float((t_pred == test.y).float().mean() * 100)
+        pool = None
+        for method in args.methods:
+            kind, overrides = parse(method)
+            budgets = [None] if kind in ("all-labels", "whitebox-kd") else args.budgets
+            for budget in budgets:
+                for seed in args.seeds:
+                    key = (name, method, budget, seed)
+                    if key in done:
+                        continue
+                    oracle = TorchOracle.from_file(teacher, budget=budget)
+                    t0 = time.perf_counter()
+                    if kind in ("all-labels", "whitebox-kd"):
+                        model, spent = run_reference(kind, data, teacher, student, seed)
+                    elif kind == "random":
+                        model = run_random(oracle, student, budget, seed)
+                    elif kind == "paper":
+                        model = run_paper(oracle, student, budget, seed)
+                    elif kind in ("budgeted", "pool"):
+                        if kind == "pool" and pool is None:
+                            pool = data.load("train").x  # images only: their labels are never read
+                        model = run_budgeted(oracle, student, budget, seed, overrides, pool if kind == "pool" else None)
+                    if model is None:
+                        print(f"{name} {method} {budget}: does not fit the budget, skipped", flush=True)
+                        continue
+                    spent = oracle.queries if kind not in ("all-labels", "whitebox-kd") else spent
+                    pred = predict(model, test.x).argmax(1)
+                    rec = {"dataset": name, "method": method, "budget": budget, "seed": seed, "queries": spent,
+                           "test_acc": round(accuracy(model, test.x, test.y), 2),
+                           "fidelity": round(float((pred == t_pred).float().mean() * 100), 2),
+                           "teacher_acc": round(t_acc, 2), "wall_s": round(time.perf_counter() - t0, 1),
+                           "threads": torch.get_num_threads()}
+                    assert budget is None or spent <= budget, rec
+                    print(json.dumps(rec), flush=True)
+                    doc["records"].append(rec)
+                    write_json(out, doc)  # after every cell: an interrupted benchmark keeps what it measured
+
+
+if __name__ == "__main__":
+    main()

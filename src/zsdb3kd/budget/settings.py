@@ -1,0 +1,86 @@
+"""The budgeted student's recipe: one typed settings class behind the library, the
+``[budget]`` section of a run file and the ``zsdb3kd extract`` flags.
+
+The defaults are the best recipe measured (docs/results/budget.md). Every ingredient can be
+switched off on its own, which is how the ablations are run:
+
+=========================  ==========================================================
+ingredient                 off
+=========================  ==========================================================
+diverse synthetic images   ``candidates = {smooth = 1}``, ``deform_p = 0``, ``cutmix_p = 0``
+variations of labelled     ``mutate_fraction = 0``
+active choice              ``acquisition = "random"``
+class balance              ``class_balance = false``, ``balanced_sampling = false``
+augmented labelled images  ``augment_labelled = 0``
+rounds                     ``rounds = 0`` (one non-active round: the ``random`` baseline)
+=========================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..settings import Settings
+from .candidates import GENERATORS
+
+ACQUISITIONS = ("margin", "entropy", "random")
+
+
+class BudgetSettings(Settings):
+    """Budgeted student: rounds of synthesise, choose, query, train."""
+
+    rounds: int = Field(8, ge=0, description="active rounds after the first (0: one round, no active choice)")
+    init_fraction: float = Field(0.2, gt=0, lt=1, description="share of the budget spent in the first round")
+    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of each round's queries held out to "
+                                                                 "report agreement with the teacher")
+    candidates: dict[str, float] = Field({"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0},
+                                         description="zero-shot: mix of synthetic image kinds and their weights")
+    deform_p: float = Field(0.5, ge=0, le=1, description="share of fresh candidates given an affine/elastic "
+                                                         "deformation")
+    cutmix_p: float = Field(0.25, ge=0, le=1, description="share of fresh candidates cut-mixed with another")
+    mutate_fraction: float = Field(0.5, ge=0, le=1, description="zero-shot: share of later rounds' candidates that "
+                                                                "are variations of labelled images")
+    pool_factor: float = Field(8.0, ge=1, description="free candidates scored per query")
+    acquisition: Literal["margin", "entropy", "random"] = Field(
+        "margin", description="how the student ranks candidates (random: no active choice)")
+    explore: float = Field(2.0, ge=1, description="rank only a random 1/explore of the candidates (diversity)")
+    class_balance: bool = Field(True, description="equal queries per class the student predicts")
+    batch_size: int = Field(128, ge=1, description="images per training step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
+    epochs_per_round: float = Field(5.0, ge=0, description="passes over the labelled images after each round")
+    final_epochs: float = Field(60.0, ge=0, description="passes after the last round (cosine learning rate)")
+    balanced_sampling: bool = Field(True, description="training batches drawn class-balanced over the "
+                                                      "teacher's labels")
+    augment_labelled: float = Field(0.5, ge=0, le=1, description="share of each batch shifted by one pixel")
+
+    @field_validator("candidates")
+    @classmethod
+    def _kinds(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(GENERATORS))
+        if unknown:
+            raise ValueError(f"unknown candidate kinds {unknown}; known: {', '.join(GENERATORS)}")
+        if any(w < 0 for w in v.values()) or not any(w > 0 for w in v.values()):
+            raise ValueError("weights must be >= 0 and one at least positive")
+        return v
+
+    @model_validator(mode="after")
+    def _steps(self) -> "BudgetSettings":
+        if self.epochs_per_round == 0 and self.final_epochs == 0:
+            raise ValueError("epochs_per_round and final_epochs are both 0: the student would never train")
+        return self
+
+
+def plan_rounds(budget: int, rounds: int, init_fraction: float) -> list[int]:
+    """Queries per round: ``init_fraction`` of ``budget`` first, the rest split evenly; every
+    count is >= 0 and they sum to ``budget`` exactly."""
+    if budget < 1:
+        raise ValueError(f"the budget must be at least 1 query, got {budget}")
+    if rounds == 0:
+        return [budget]
+    first = max(1, min(budget, round(budget * init_fraction)))
+    base, extra = divmod(budget - first, rounds)
+    return [first] + [base + (1 if i < extra else 0) for i in range(rounds)]

@@ -1,0 +1,70 @@
+"""Training inside a budgeted run: the student, warm-started after every round, on all
+labelled images so far; batches class-balanced over the teacher's labels and a share of
+them shifted by a pixel (a label-preserving augmentation that costs no query).
+
+Every random number comes from the generator passed in, so a round retrained in a fresh
+process after an interruption gives the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .select import predict
+from .settings import BudgetSettings
+
+
+def shift(x: torch.Tensor, g: torch.Generator, pad: int = 1) -> torch.Tensor:
+    """Each image translated by up to ``pad`` pixels (zero fill), vectorised."""
+    b, c, h, w = x.shape
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(h)).to(x.device)
+    cols = (dx[:, None] + torch.arange(w)).to(x.device)
+    bi = torch.arange(b, device=x.device)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def fit(student: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, s: BudgetSettings,
+        g: torch.Generator, num_classes: int, device: torch.device, cosine: bool) -> dict:
+    """Train ``student`` on ``(x, y)`` (on the CPU; batches move to ``device``) for ``epochs``
+    passes; a cosine learning-rate schedule when ``cosine``. Returns the mean loss and steps."""
+    n = x.shape[0]
+    steps = int(math.ceil(epochs * n / s.batch_size)) if n else 0
+    if steps == 0:
+        return {"steps": 0}
+    opt = torch.optim.Adam(student.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    weights = (1.0 / torch.bincount(y, minlength=num_classes).float().clamp_min(1))[y]
+    student.train()
+    total = 0.0
+    for step in range(steps):
+        if cosine:
+            for group in opt.param_groups:
+                group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        if s.balanced_sampling:
+            idx = torch.multinomial(weights, s.batch_size, replacement=True, generator=g)
+        else:
+            idx = torch.randint(0, n, (s.batch_size,), generator=g)
+        xb, yb = x[idx], y[idx]
+        if s.augment_labelled > 0:
+            aug = torch.rand(xb.shape[0], generator=g) < s.augment_labelled
+            xb = torch.where(aug[:, None, None, None], shift(xb, g), xb)
+        loss = F.cross_entropy(student(xb.to(device)), yb.to(device), label_smoothing=s.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    student.eval()
+    return {"steps": steps, "loss": round(total / steps, 4)}
+
+
+def agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float | None:
+    """Percent of ``x`` on which ``model`` gives the label ``y`` (``None`` for no images)."""
+    if x.shape[0] == 0:
+        return None
+    return float((predict(model, x.to(device)).argmax(1).cpu() == y).float().mean() * 100)

@@ -1,0 +1,138 @@
+"""The budgeted student as a job (``zsdb3kd extract``) and as rows of a run file
+(``budgeted@N``, ``budgeted-pool@N``, ``random@N``).
+
+Before the first query: the teacher file, its input shape against the data, the student
+built and run on that shape, the pool (real unlabelled training images, when asked for)
+and the budget against ``--query-budget``. The test split is read once, after the student
+is final, to report its accuracy; nothing selects on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..budget import BudgetSettings, build_student, train_budgeted
+from ..data import DataSettings, ImageSet
+from ..oracle import LabelOracle, TeacherSpec, load_oracle
+from ..settings import ConfigError, content_key
+from ..store import environment, write_json
+from ..weights import save_weights
+
+log = logging.getLogger("zsdb3kd")
+
+#: the ``random`` baseline: one round of smooth random images, every ingredient off
+RANDOM = {"rounds": 0, "candidates": {"smooth": 1.0}, "deform_p": 0.0, "cutmix_p": 0.0, "class_balance": False,
+          "balanced_sampling": False, "augment_labelled": 0.0}
+
+
+def recipe(kind: str, settings: BudgetSettings) -> BudgetSettings:
+    """The settings of a row kind: ``budgeted`` and ``budgeted-pool`` as given, ``random``
+    with every ingredient switched off (the training length kept)."""
+    return settings.replace(**RANDOM) if kind == "random" else settings
+
+
+class RoundLog:
+    """Logs each round: queries so far, held-out agreement, time, an estimate of what is left."""
+
+    def __init__(self, what: str, budget: int) -> None:
+        self.what, self.budget, self.t0 = what, budget, time.perf_counter()
+
+    def __call__(self, entry: dict, rounds: int) -> None:
+        spent = entry["total_queries"]
+        elapsed = time.perf_counter() - self.t0
+        left = "" if entry["round"] + 1 == rounds else \
+            f", ~{elapsed / max(1, spent) * (self.budget - spent) * 1.5:.0f} s left"
+        agree = entry["agreement_held_out"]
+        log.info(f"{self.what}: round {entry['round'] + 1}/{rounds}: {spent:,}/{self.budget:,} queries, held-out "
+                 f"agreement {'-' if agree is None else f'{agree:.1f}%'}, {elapsed:.0f} s{left}")
+
+
+def check_inputs(oracle: LabelOracle, student: str, data: ImageSet | None, pool: ImageSet | None, budget: int) -> None:
+    """Everything that can fail, checked before the first query."""
+    shape = tuple(oracle.input_shape)
+    for what, images in (("test images", data), ("pool images", pool)):
+        if images is not None and tuple(images.x.shape[1:]) != shape:
+            raise ConfigError(f"{what} have shape {tuple(images.x.shape[1:])}, the teacher takes {shape}")
+    build_student(student, oracle.num_classes, shape, 0)
+    if pool is not None and len(pool) < budget:
+        raise ConfigError(f"the pool has {len(pool):,} images, fewer than the budget of {budget:,} queries")
+
+
+def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.PathLike, *,
+                settings: BudgetSettings | None = None, data: DataSettings | None = None, pool: bool = False,
+                evaluate: bool = True, seed: int = 0, work_dir: str | os.PathLike | None = None, device: str = "cpu",
+                query_budget: int | None = None, plan_only: bool = False) -> dict[str, Any]:
+    """The best ``student`` for ``budget`` queries to ``teacher``, saved at ``out`` with its
+    metrics beside it (``<out>.json``). ``pool``: the training split of ``data`` is the
+    candidate pool (its labels are never read). ``work_dir`` (default ``<out>.work``) keeps
+    every answered query and the student after each round: rerun to resume."""
+    from .jobs import check_plan
+
+    settings = settings or BudgetSettings()
+    if budget < 1:
+        raise ConfigError(f"--budget must be at least 1 query, got {budget}")
+    teacher.check()
+    oracle = load_oracle(teacher, device=device, budget=query_budget)
+    if pool and data is None:
+        raise ConfigError("--pool train needs --data (whose training images become the pool)")
+    images = data.load("train") if pool else None  # labels never read: the pool is images only
+    check_inputs(oracle, student, None, images, budget)
+    check_plan(f"extract {student} ({'real unlabelled pool' if pool else 'zero-shot'})", budget, query_budget,
+               plan_only)
+    work = Path(work_dir) if work_dir is not None else Path(f"{out}.work")
+    res = train_budgeted(oracle, student, budget, settings, seed=seed, pool=None if images is None else images.x,
+                         work_dir=work, device=device, progress=RoundLog("extract", budget))
+    metrics: dict[str, Any] = {"student": student, "budget": budget, "queries": res.queries,
+                               "paid_this_run": res.paid, "pool": bool(pool), "seed": seed,
+                               "agreement_held_out": res.log[-1]["agreement_held_out"],
+                               "settings": settings.model_dump(mode="json"), "rounds": res.log,
+                               "environment": environment()}
+    save_weights(res.student, out, arch=student, input_shape=tuple(oracle.input_shape),
+                 num_classes=oracle.num_classes,
+                 extra={"method": "budgeted-pool" if pool else "budgeted", "teacher_queries": str(res.queries)})
+    write_json(Path(f"{out}.json"), metrics)
+    if data is not None and evaluate:  # the test split is read once, after the student is final and saved
+        from ..distill import accuracy
+
+        test = data.load("test")
+        check_inputs(oracle, student, test, None, budget)
+        metrics["test_acc"] = accuracy(res.student, test.x, test.y, device=device)
+        write_json(Path(f"{out}.json"), metrics)
+    return metrics
+
+
+def budgeted_row(kind: str, budget: int, oracle: LabelOracle, student: str, settings: BudgetSettings, seed: int,
+                 run: Path, teacher_sha: str, test: ImageSet, pool: ImageSet | None, device: str,
+                 key_parts: list) -> dict[str, Any]:
+    """One report row of a run file: trained (or resumed, or reused) in ``run``."""
+    from ..distill import accuracy
+
+    s = recipe(kind, settings)
+    key = content_key("budgeted", kind, budget, student, s.key(), seed, teacher_sha, *key_parts, length=12)
+    work = run / f"{kind}-{budget}-{key}"
+    done = work / "metrics.json"
+    if done.exists():
+        import json
+
+        log.info(f"student[{kind}@{budget}]: reusing {work.name}")
+        return json.loads(done.read_text())
+    log.info(f"student[{kind}@{budget}]: {budget:,} queries in {s.rounds + 1} round(s)")
+    t0 = time.perf_counter()
+    res = train_budgeted(oracle, student, budget, s, seed=seed, pool=None if pool is None else pool.x, work_dir=work,
+                         device=device, progress=RoundLog(f"student[{kind}@{budget}]", budget))
+    labels = {"budgeted": "budgeted student (synthetic images, no real data)",
+              "budgeted-pool": "budgeted student (real unlabelled images as the pool)",
+              "random": "random smooth images, hard labels (every ingredient off)"}
+    row = {"label": labels[kind], "queries_per_pair": 0, "total_queries": res.queries,
+           "val_acc": res.log[-1]["agreement_held_out"], "test_acc": accuracy(res.student, test.x, test.y,
+                                                                              device=device),
+           "train_time_s": round(time.perf_counter() - t0, 1)}
+    save_weights(res.student, work / "student.safetensors", arch=student, input_shape=tuple(test.x.shape[1:]),
+                 num_classes=oracle.num_classes, extra={"method": f"{kind}@{budget}"})
+    write_json(done, row)
+    log.info(f"student[{kind}@{budget}]: held-out agreement {row['val_acc']:.2f}%  test {row['test_acc']:.2f}%")
+    return row

@@ -1,0 +1,274 @@
+"""The budgeted zero-shot student (zsdb3kd.budget): budget accounting, resume, determinism,
+switchable ingredients, any input shape. Tiny teachers built here; no real data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from zsdb3kd.budget import BudgetSettings, build_student, plan_rounds, train_budgeted
+from zsdb3kd.budget import candidates as C
+from zsdb3kd.budget import method as M
+from zsdb3kd.budget.select import choose
+from zsdb3kd.settings import ConfigError
+from zsdb3kd.oracle import TorchOracle
+
+K = 4
+
+
+class TinyTeacher(nn.Module):
+    """A fixed random linear classifier on the flattened image, classes roughly balanced on noise."""
+
+    def __init__(self, shape, k: int = K, seed: int = 0) -> None:
+        super().__init__()
+        d = shape[0] * shape[1] * shape[2]
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(k, d, generator=g) / d**0.5, requires_grad=False)
+        self.b = nn.Parameter(-self.w.sum(1) * 0.4, requires_grad=False)
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], -1) @ self.w.T + self.b
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+class FailingTeacher(TinyTeacher):
+    """Raises before answering its ``fail_at``-th call (0-based): a kill between two calls."""
+
+    def __init__(self, shape, fail_at: int | None = None) -> None:
+        super().__init__(shape)
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def forward(self, x):
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise Interrupt("simulated kill")
+        self.calls += 1
+        return super().forward(x)
+
+
+def oracle_for(shape, budget=None, teacher=None):
+    # max_batch large: one oracle call = one teacher forward (so FailingTeacher counts calls)
+    return TorchOracle(teacher or TinyTeacher(shape), tuple(shape), K, budget=budget, max_batch=10**7)
+
+
+# fast settings: few candidates, few steps; every ingredient on
+FAST = BudgetSettings(rounds=3, init_fraction=0.25, pool_factor=3.0, epochs_per_round=1.0, final_epochs=2.0,
+                      batch_size=32, augment_labelled=0.5, label_smoothing=0.05)
+SHAPE = (1, 8, 12)
+BUDGET = 240
+
+
+def bits(model: nn.Module) -> dict[str, bytes]:
+    return {k: v.detach().contiguous().numpy().tobytes() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- budget accounting
+
+@pytest.mark.parametrize("budget", [1, 5, 97, 1000, 12345])
+@pytest.mark.parametrize("rounds", [0, 1, 3, 7])
+@pytest.mark.parametrize("init_fraction", [0.05, 0.3, 0.9])
+def test_plan_rounds_sums_to_budget(budget, rounds, init_fraction):
+    plan = plan_rounds(budget, rounds, init_fraction)
+    assert sum(plan) == budget
+    assert len(plan) == rounds + 1 and min(plan) >= 0 and plan[0] >= 1
+
+
+@pytest.mark.parametrize("budget,rounds", [(1, 0), (7, 2), (64, 1), (150, 4), (301, 3)])
+def test_budget_never_exceeded_and_count_matches(budget, rounds):
+    oracle = oracle_for(SHAPE, budget=budget)  # the oracle itself raises past the budget
+    res = train_budgeted(oracle, "mlp", budget, FAST.replace(rounds=rounds))
+    assert oracle.queries == res.queries == res.paid == budget
+    assert sum(e["queries"] for e in res.log) == budget
+    assert res.log[-1]["total_queries"] == budget
+    assert res.x.shape == (budget, *SHAPE) and res.y.shape == (budget,)
+    assert int(res.is_val.sum()) == res.log[-1]["held_out"]
+
+
+def test_an_oracle_with_less_budget_left_stops_the_run():
+    oracle = oracle_for(SHAPE, budget=100)
+    with pytest.raises(Exception, match="budget"):
+        train_budgeted(oracle, "mlp", 200, FAST)
+    assert oracle.queries <= 100
+
+
+# ----------------------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_interrupted_between_calls_resumes_to_the_same_student_paying_nothing_twice(tmp_path, fail_at):
+    ref = train_budgeted(oracle_for(SHAPE), "mlp", BUDGET, FAST, work_dir=tmp_path / "ref")
+    o1 = oracle_for(SHAPE, teacher=FailingTeacher(SHAPE, fail_at=fail_at))
+    with pytest.raises(Interrupt):
+        train_budgeted(o1, "mlp", BUDGET, FAST, work_dir=tmp_path / "run")
+    o2 = oracle_for(SHAPE)
+    res = train_budgeted(o2, "mlp", BUDGET, FAST, work_dir=tmp_path / "run")
+    assert o1.queries + o2.queries == BUDGET == res.queries
+    assert bits(res.student) == bits(ref.student)
+    assert torch.equal(res.x, ref.x) and torch.equal(res.y, ref.y) and torch.equal(res.is_val, ref.is_val)
+    o3 = oracle_for(SHAPE)  # a third run finds everything done: not one query
+    again = train_budgeted(o3, "mlp", BUDGET, FAST, work_dir=tmp_path / "run")
+    assert o3.queries == 0 and bits(again.student) == bits(ref.student)
+
+
+def test_interrupted_while_training_replays_the_stored_answers(tmp_path, monkeypatch):
+    ref = train_budgeted(oracle_for(SHAPE), "mlp", BUDGET, FAST)
+    real_fit, calls = M.fit, {"n": 0}
+
+    def dying_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # round 1: its answers are stored, then the process dies
+            raise Interrupt("killed while training")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(M, "fit", dying_fit)
+    o1 = oracle_for(SHAPE)
+    with pytest.raises(Interrupt):
+        train_budgeted(o1, "mlp", BUDGET, FAST, work_dir=tmp_path)
+    monkeypatch.setattr(M, "fit", real_fit)
+    o2 = oracle_for(SHAPE)
+    res = train_budgeted(o2, "mlp", BUDGET, FAST, work_dir=tmp_path)
+    assert o1.queries == 60 + 60 and o1.queries + o2.queries == BUDGET
+    assert bits(res.student) == bits(ref.student)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train_budgeted(oracle_for(SHAPE), "mlp", 60, FAST.replace(rounds=1), work_dir=tmp_path)
+    for kw in ({"seed": 3}, {"settings": FAST.replace(rounds=2)}):
+        args = {"settings": FAST.replace(rounds=1), **kw}
+        with pytest.raises(ValueError, match="other settings"):
+            train_budgeted(oracle_for(SHAPE), "mlp", 60, args.pop("settings"), work_dir=tmp_path, **args)
+
+
+def test_stored_answers_for_other_images_are_refused(tmp_path):
+    train_budgeted(oracle_for(SHAPE), "mlp", 60, FAST.replace(rounds=1), work_dir=tmp_path)
+    (tmp_path / "state.json").unlink()  # as if the state were lost but the answers kept: round 0 is asked again
+    stored = tmp_path / "query-r0.safetensors"
+    from zsdb3kd.store import write_tensors
+
+    write_tensors(stored, {"labels": torch.zeros(15, dtype=torch.long)}, metadata={"digest": "0" * 16})
+    with pytest.raises(RuntimeError, match="other images"):
+        train_budgeted(oracle_for(SHAPE), "mlp", 60, FAST.replace(rounds=1), work_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def test_deterministic_under_seed():
+    a = train_budgeted(oracle_for(SHAPE), "mlp", BUDGET, FAST)
+    b = train_budgeted(oracle_for(SHAPE), "mlp", BUDGET, FAST)
+    c = train_budgeted(oracle_for(SHAPE), "mlp", BUDGET, FAST, seed=1)
+    assert bits(a.student) == bits(b.student) and torch.equal(a.x, b.x)
+    assert not torch.equal(a.x, c.x)
+
+
+def test_candidates_are_deterministic_and_in_range():
+    for shape in [(1, 28, 28), (3, 32, 32), (1, 8, 12), (2, 5, 3)]:
+        for kind in C.GENERATORS:
+            x1 = C.GENERATORS[kind](6, shape, torch.Generator().manual_seed(4))
+            x2 = C.GENERATORS[kind](6, shape, torch.Generator().manual_seed(4))
+            assert x1.shape == (6, *shape) and torch.equal(x1, x2)
+            assert float(x1.min()) >= 0 and float(x1.max()) <= 1 and torch.isfinite(x1).all()
+        g = torch.Generator().manual_seed(0)
+        x = C.synthesize(20, shape, g, {"noise": 1, "shapes": 1, "strokes": 1})
+        y = C.mutate(x, 9, g, fresh=x)
+        assert x.shape == (20, *shape) and y.shape == (9, *shape)
+        assert float(y.min()) >= 0 and float(y.max()) <= 1
+
+
+# ----------------------------------------------------------------------------- ingredients
+
+OFF = {
+    "synthetic mix = old blobs": dict(candidates={"smooth": 1.0}),
+    "no deform/cutmix": dict(deform_p=0.0, cutmix_p=0.0),
+    "no mutation": dict(mutate_fraction=0.0),
+    "no active choice": dict(acquisition="random"),
+    "entropy": dict(acquisition="entropy"),
+    "no class balance": dict(class_balance=False, balanced_sampling=False),
+    "no augmentation": dict(augment_labelled=0.0, label_smoothing=0.0),
+    "single round": dict(rounds=0),
+}
+
+
+@pytest.mark.parametrize("name", list(OFF))
+def test_each_ingredient_can_be_switched_off(name):
+    oracle = oracle_for(SHAPE, budget=120)
+    res = train_budgeted(oracle, "mlp", 120, FAST.replace(**OFF[name]))
+    assert oracle.queries == res.queries == 120
+    if name == "single round":
+        assert len(res.log) == 1
+
+
+def test_ingredients_change_what_is_asked():
+    """Switching an ingredient off is not a no-op: the queried images differ."""
+    base = train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST).x
+    for name in ("no mutation", "no active choice", "synthetic mix = old blobs"):
+        assert not torch.equal(base, train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST.replace(**OFF[name])).x), name
+
+
+def test_bad_settings_fail_with_the_key_named():
+    BudgetSettings()
+    for bad, key in [(dict(val_fraction=0.7), "val_fraction"), (dict(acquisition="oracle"), "acquisition"),
+                     (dict(candidates={"x": 1.0}), "candidates"), (dict(init_fraction=1.0), "init_fraction"),
+                     (dict(epochs_per_round=0, final_epochs=0), "never train")]:
+        with pytest.raises(ConfigError, match=key):
+            BudgetSettings().replace(**bad)
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_rounds(0, 3, 0.2)
+
+
+# ----------------------------------------------------------------------------- shapes and pool
+
+@pytest.mark.parametrize("shape,arch", [((1, 8, 12), "cnn-small"), ((1, 28, 28), "lenet5-half"),
+                                        ((3, 32, 32), "cnn-small"), ((1, 8, 12), "mlp")])
+def test_runs_for_any_input_shape(shape, arch):
+    oracle = oracle_for(shape, budget=90)
+    res = train_budgeted(oracle, arch, 90, FAST.replace(rounds=2))
+    assert res.queries == 90 and res.student(torch.zeros(2, *shape)).shape == (2, K)
+
+
+def test_student_that_cannot_take_the_shape_fails_before_any_query():
+    oracle = oracle_for((1, 8, 12), budget=100)
+    with pytest.raises(ValueError, match="cannot take"):
+        train_budgeted(oracle, "lenet5", 100, FAST)
+    assert oracle.queries == 0
+    with pytest.raises(ValueError):
+        build_student("no-such-model", K, (1, 8, 12), 0)
+
+
+def test_real_pool_each_image_queried_once(tmp_path):
+    pool = torch.rand(400, *SHAPE, generator=torch.Generator().manual_seed(2))
+    oracle = oracle_for(SHAPE, budget=150)
+    res = train_budgeted(oracle, "mlp", 150, FAST.replace(rounds=3), pool=pool, work_dir=tmp_path)
+    assert oracle.queries == 150
+    q, xs = (pool * 255).round(), (res.x * 255).round()
+    match = (xs.reshape(150, 1, -1) == q.reshape(1, 400, -1)).all(-1)
+    assert bool(match.any(1).all())  # every query is a pool image
+    assert int(match.any(0).sum()) == 150  # and none twice
+    with pytest.raises(ValueError, match="cannot feed"):
+        train_budgeted(oracle_for(SHAPE), "mlp", 500, FAST, pool=pool)
+
+
+def test_choose_is_class_balanced_and_distinct():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.cat([torch.zeros(500, dtype=torch.long), torch.ones(50, dtype=torch.long), torch.full((50,), 2)])
+    score = torch.rand(600, generator=g)
+    idx = choose(score, pred, 90, 3, g)
+    assert idx.numel() == 90 and idx.unique().numel() == 90
+    assert torch.bincount(pred[idx], minlength=3).tolist() == [30, 30, 30]
+    idx = choose(score, pred, 200, 3, g)  # classes 1 and 2 cannot fill their quotas: the rest comes from class 0
+    assert idx.unique().numel() == 200 and torch.bincount(pred[idx], minlength=3).tolist() == [100, 50, 50]
+    top = choose(score, pred, 10, 3, g, balance=False, explore=1.0)
+    assert set(top.tolist()) == set(score.topk(10).indices.tolist())
+
+
+def test_active_choice_learns_a_linear_teacher_better_than_chance():
+    """A real learning check: 600 queries to a linear 4-class teacher on 8x12 inputs give a
+    student that agrees with it on fresh synthetic images far above chance (25%)."""
+    teacher = TinyTeacher(SHAPE)
+    res = train_budgeted(oracle_for(SHAPE, teacher=teacher), "mlp", 600,
+                         FAST.replace(rounds=4, epochs_per_round=5, final_epochs=20))
+    x = C.synthesize(2000, SHAPE, torch.Generator().manual_seed(9), {"noise": 1, "shapes": 1})
+    agree = (res.student(x).argmax(1) == teacher(x).argmax(1)).float().mean()
+    assert agree > 0.6, float(agree)
