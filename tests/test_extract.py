@@ -216,3 +216,13 @@ def test_run_file_budgeted_rows_are_checked_at_load(data_dir, teacher, tmp_path,
     cfg.write_text(_toml(data_dir, teacher, methods, mode))
     with pytest.raises(ConfigError, match=words):
         load_config(cfg)
+
+
+def test_zero_shot_run_of_budgeted_rows_synthesises_nothing(data_dir, teacher, tmp_path, monkeypatch):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(_toml(data_dir, teacher, ["budgeted@150", "random@150"], mode="zero-shot"))
+    spy = Spy(monkeypatch)
+    report = run_experiment(cfg, tmp_path / "run", progress=False)
+    assert spy.queries == 300 + 150 + 150 and "synthesis" not in report  # teacher accuracy + the two rows
+    assert {e[1] for e in spy.events if e[0] == "load"} == {"test"}  # never the training split
+    assert "No real training data" in (tmp_path / "run" / "report.md").read_text()

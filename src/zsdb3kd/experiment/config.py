@@ -130,6 +130,12 @@ class RunConfig(Settings):
         return self
 
 
+def needs_pseudo_samples(cfg: "RunConfig") -> bool:
+    """Whether a zero-shot run's students need the paper's pseudo samples (the budgeted
+    engine's rows make their own images)."""
+    return any(spec.partition("@")[0] not in BUDGETED["zero-shot"] for spec in cfg.student.methods)
+
+
 def parse_student_method(spec: str, cfg: RunConfig) -> tuple[str, int | None]:
     """``(kind, queries per pair)``: a baseline of the mode with ``None``, or a robustness method
     spec of ``[robustness] methods`` with the budget after ``@`` (default: ``queries_per_pair``)."""

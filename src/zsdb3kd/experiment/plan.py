@@ -9,7 +9,7 @@ import torch
 from ..data import train_val_split
 from ..robustness import RobustnessSettings
 from ..synthesis import SynthesisSettings
-from .config import BUDGETED, RunConfig, parse_student_method
+from .config import BUDGETED, RunConfig, needs_pseudo_samples, parse_student_method
 
 
 def robustness_settings(cfg: RunConfig, method: str) -> RobustnessSettings:
@@ -49,7 +49,7 @@ def plan_queries(cfg: RunConfig, num_classes: int, n_test: int) -> list[dict[str
     add("teacher accuracy", f"{n_test:,} test images (measured outside query_budget)", n_test, in_budget=False)
     needed = {parse_student_method(s, cfg)[0] for s in cfg.student.methods}
     syn_total = 0
-    if cfg.mode == "zero-shot":
+    if cfg.mode == "zero-shot" and needs_pseudo_samples(cfg):
         ss = synthesis_settings(cfg)
         syn_total = ss.max_queries(K)
         add("synthesis", f"noise until {ss.per_class} per class (at most {ss.noise_queries:,}), then {ss.iterations} "

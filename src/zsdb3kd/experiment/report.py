@@ -87,7 +87,9 @@ def write_report(run: Path, report: dict[str, Any], extras: dict[str, Any] | Non
     extras = extras or {}
     t, d = report["teacher"], report["data"]
     zero = report.get("mode") == "zero-shot"
-    if zero:
+    if zero and not d["subset"]:
+        data_line = f"No real training data; test on {d['test']:,} real test images of {d['name']}."
+    elif zero:
         data_line = (f"Transfer set: {d['subset']:,} pseudo samples synthesised from noise (no real training data); "
                      f"selection on {d['val']:,} held-out pseudo samples; test on {d['test']:,} real test images of "
                      f"{d['name']}.")
@@ -110,7 +112,7 @@ def write_report(run: Path, report: dict[str, Any], extras: dict[str, Any] | Non
                      f"{_fmt(r.get('mean_queries_per_pair'), 1)} | {_fmt(r.get('total_queries'))} | "
                      f"{_fmt(r.get('soft_label_time_s'), 1)} | {_fmt(r.get('train_time_s'), 1)} | "
                      f"{_fmt(r.get('val_acc'))} | {_fmt(r.get('test_acc'))} |")
-    if zero:
+    if zero and report.get("synthesis"):
         syn = report["synthesis"]
         curve = ", ".join(f"{v:.3f}" for v in syn["mean_distance"])
         lines += ["", f"Synthesis: {syn['n']:,} pseudo samples, {_fmt(syn['queries_noise'])} queries for class noise "

@@ -25,7 +25,7 @@ from ..parallel import is_main, label_sharded, split_budget
 from ..robustness import CandidatePool, RobustnessResult
 from ..settings import ConfigError, content_key, validate
 from ..store import environment, generator, write_json
-from .config import BUDGETED, RunConfig, load_config, parse_student_method
+from .config import BUDGETED, RunConfig, load_config, needs_pseudo_samples, parse_student_method
 from .extract import budgeted_row
 from .plan import format_plan, plan_queries, planned_total, robustness_settings, synthesis_settings
 from .report import write_report
@@ -206,6 +206,14 @@ def _run_zero_shot(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, te
     teacher_metrics["test_acc"] = _teacher_test_acc(cfg, teacher, test, teacher_metrics)
     log.info(f"teacher test accuracy {teacher_metrics['test_acc']:.2f}%")
     oracle = _open(cfg, teacher, cfg.query_budget)
+    if not needs_pseudo_samples(cfg):  # budgeted rows only: no pseudo samples to synthesise
+        rows = [{"method": spec, **budgeted_row(*parse_student_method(spec, cfg), oracle, cfg.student.arch, cfg.budget,
+                                                cfg.seed, run, teacher_sha, test, None, device, [])}
+                for spec in cfg.student.methods]
+        return {"name": cfg.name, "mode": "zero-shot", "students": rows,
+                "teacher": {**teacher_metrics, "sha256": teacher_sha, "path": str(teacher)},
+                "data": {"name": cfg.data.name, "subset": 0, "val": 0, "test": len(test),
+                         "note": "budgeted students only; no real training image or label is used"}}, {}
     ss = synthesis_settings(cfg)
     pkey = content_key("synthesis", teacher_sha, ss.key(), length=12)
     ppath = run / f"pseudo-{pkey}.safetensors"
