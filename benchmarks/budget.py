@@ -195,7 +195,7 @@ def main() -> None:
                            "test_acc": round(accuracy(model, test.x, test.y), 2),
                            "fidelity": round(float((pred == t_pred).float().mean() * 100), 2),
                            "teacher_acc": round(t_acc, 2), "wall_s": round(time.perf_counter() - t0, 1),
-                           "threads": torch.get_num_threads()}
+                           "threads": torch.get_num_threads(), "command": doc["command"]}
                     assert budget is None or spent <= budget, rec
                     print(json.dumps(rec), flush=True)
                     doc["records"].append(rec)

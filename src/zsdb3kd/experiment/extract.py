@@ -36,19 +36,29 @@ def recipe(kind: str, settings: BudgetSettings) -> BudgetSettings:
 
 
 class RoundLog:
-    """Logs each round: queries so far, held-out agreement, time, an estimate of what is left."""
+    """Logs each round: queries so far, held-out agreement, time, and the time left, estimated
+    from the training work still to do (images x epochs of the remaining rounds)."""
 
-    def __init__(self, what: str, budget: int) -> None:
+    def __init__(self, what: str, budget: int, settings: BudgetSettings) -> None:
+        from itertools import accumulate
+
+        from ..budget import plan_rounds
+
         self.what, self.budget, self.t0 = what, budget, time.perf_counter()
+        plan = plan_rounds(budget, settings.rounds, settings.init_fraction)
+        epochs = [settings.epochs_per_round] * (len(plan) - 1) + [settings.final_epochs]
+        self.work = [n * e + q for n, e, q in zip(accumulate(plan), epochs, plan)]  # + choosing, ~1 pass
+        self.first: int | None = None  # the first round this process ran (a resumed run skips some)
 
     def __call__(self, entry: dict, rounds: int) -> None:
-        spent = entry["total_queries"]
+        r, spent = entry["round"], entry["total_queries"]
         elapsed = time.perf_counter() - self.t0
-        left = "" if entry["round"] + 1 == rounds else \
-            f", ~{elapsed / max(1, spent) * (self.budget - spent) * 1.5:.0f} s left"
+        self.first = r if self.first is None else self.first
+        done, left = sum(self.work[self.first:r + 1]), sum(self.work[r + 1:])
+        eta = f", ~{elapsed / max(done, 1) * left:.0f} s left" if left else ""
         agree = entry["agreement_held_out"]
-        log.info(f"{self.what}: round {entry['round'] + 1}/{rounds}: {spent:,}/{self.budget:,} queries, held-out "
-                 f"agreement {'-' if agree is None else f'{agree:.1f}%'}, {elapsed:.0f} s{left}")
+        log.info(f"{self.what}: round {r + 1}/{rounds}: {spent:,}/{self.budget:,} queries, held-out "
+                 f"agreement {'-' if agree is None else f'{agree:.1f}%'}, {elapsed:.0f} s{eta}")
 
 
 def check_inputs(oracle: LabelOracle, student: str, data: ImageSet | None, pool: ImageSet | None, budget: int) -> None:
@@ -85,7 +95,7 @@ def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.P
                plan_only)
     work = Path(work_dir) if work_dir is not None else Path(f"{out}.work")
     res = train_budgeted(oracle, student, budget, settings, seed=seed, pool=None if images is None else images.x,
-                         work_dir=work, device=device, progress=RoundLog("extract", budget))
+                         work_dir=work, device=device, progress=RoundLog("extract", budget, settings))
     metrics: dict[str, Any] = {"student": student, "budget": budget, "queries": res.queries,
                                "paid_this_run": res.paid, "pool": bool(pool), "seed": seed,
                                "agreement_held_out": res.log[-1]["agreement_held_out"],
@@ -123,7 +133,7 @@ def budgeted_row(kind: str, budget: int, oracle: LabelOracle, student: str, sett
     log.info(f"student[{kind}@{budget}]: {budget:,} queries in {s.rounds + 1} round(s)")
     t0 = time.perf_counter()
     res = train_budgeted(oracle, student, budget, s, seed=seed, pool=None if pool is None else pool.x, work_dir=work,
-                         device=device, progress=RoundLog(f"student[{kind}@{budget}]", budget))
+                         device=device, progress=RoundLog(f"student[{kind}@{budget}]", budget, s))
     labels = {"budgeted": "budgeted student (synthetic images, no real data)",
               "budgeted-pool": "budgeted student (real unlabelled images as the pool)",
               "random": "random smooth images, hard labels (every ingredient off)"}
