@@ -60,18 +60,19 @@ ABLATIONS = {
     "-no-balance": {"class_balance": False, "balanced_sampling": False},
     "-no-aug": {"augment_labelled": 0.0},
     "-one-round": {"rounds": 0},
-    "-off": None,  # every ingredient off: zsdb3kd.experiment.extract.RANDOM
+    "-off": None,  # every ingredient off, same training steps: zsdb3kd.experiment.extract.recipe("random")
 }
 
 
 def parse(method: str) -> tuple[str, dict]:
     """``(kind, overrides)`` of a method name."""
-    from zsdb3kd.experiment.extract import RANDOM
+    from zsdb3kd.budget import BudgetSettings
+    from zsdb3kd.experiment.extract import recipe
 
     for kind in ("budgeted", "pool"):
         if method.startswith(kind) and method[len(kind):] in ABLATIONS:
             extra = ABLATIONS[method[len(kind):]]
-            return kind, dict(RANDOM) if extra is None else extra
+            return kind, extra if extra is not None else recipe("random", BudgetSettings()).model_dump()
     if method in ("random", "paper", "all-labels", "whitebox-kd"):
         return method, {}
     raise SystemExit(f"unknown method {method!r}")

@@ -89,9 +89,10 @@ def headline(doc: dict) -> str:
                 continue
             quoted = next((f"{n.replace(' (quoted)', '').replace(' (quoted, ResNet-18)', ' (ResNet-18)')} {v}"
                            for n, qb, v in QUOTED.get(dataset, []) if qb == b), "")
-            ref = _cell([r["test_acc"] for r in recs if r["dataset"] == dataset and r["method"] == "all-labels"])
+            refs = [r for r in recs if r["dataset"] == dataset and r["method"] == "all-labels"]
+            ref = f"{_cell([r['test_acc'] for r in refs])} ({refs[0]['queries']:,} queries)" if refs else ""
             lines.append(f"| {dataset} | {b:,} | {cell['random']} | **{cell['budgeted']}** | {quoted} | "
-                         f"{cell['pool']} | {ref and ref + ' (55,000 queries)'} |")
+                         f"{cell['pool']} | {ref} |")
     return "\n".join(lines)
 
 

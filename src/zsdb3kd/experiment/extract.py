@@ -24,15 +24,25 @@ from ..weights import save_weights
 
 log = logging.getLogger("zsdb3kd")
 
-#: the ``random`` baseline: one round of smooth random images, every ingredient off
+#: the ``random`` baseline: one round of smooth random images, every ingredient off (see :func:`recipe`)
 RANDOM = {"rounds": 0, "candidates": {"smooth": 1.0}, "deform_p": 0.0, "cutmix_p": 0.0, "class_balance": False,
           "balanced_sampling": False, "augment_labelled": 0.0}
 
 
 def recipe(kind: str, settings: BudgetSettings) -> BudgetSettings:
-    """The settings of a row kind: ``budgeted`` and ``budgeted-pool`` as given, ``random``
-    with every ingredient switched off (the training length kept)."""
-    return settings.replace(**RANDOM) if kind == "random" else settings
+    """The settings of a row kind: ``budgeted`` and ``budgeted-pool`` as given; ``random``
+    with every ingredient off and as many training steps as the budgeted student takes over
+    all its rounds (so the comparison is about which images are asked, not training length)."""
+    if kind != "random":
+        return settings
+    from itertools import accumulate
+
+    from ..budget import plan_rounds
+
+    scale = 1_000_000  # round shares, budget-independent up to rounding
+    earlier = list(accumulate(plan_rounds(scale, settings.rounds, settings.init_fraction)))[:-1]
+    extra = settings.epochs_per_round * sum(earlier) / scale
+    return settings.replace(**RANDOM, final_epochs=round(settings.final_epochs + extra, 2))
 
 
 class RoundLog:
@@ -136,7 +146,7 @@ def budgeted_row(kind: str, budget: int, oracle: LabelOracle, student: str, sett
                          device=device, progress=RoundLog(f"student[{kind}@{budget}]", budget, s))
     labels = {"budgeted": "budgeted student (synthetic images, no real data)",
               "budgeted-pool": "budgeted student (real unlabelled images as the pool)",
-              "random": "random smooth images, hard labels (every ingredient off)"}
+              "random": "random smooth images, hard labels (every ingredient off, same training steps)"}
     row = {"label": labels[kind], "queries_per_pair": 0, "total_queries": res.queries,
            "val_acc": res.log[-1]["agreement_held_out"], "test_acc": accuracy(res.student, test.x, test.y,
                                                                               device=device),
