@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import json
 import time
 from pathlib import Path
 
@@ -345,3 +346,20 @@ def test_sharded_robustness_on_two_gpus_is_the_one_gpu_result(files, tmp_path):
     _finish(_torchrun([*common, "--out", tmp_path / "two.safetensors"]))
     _same_robustness(RobustnessResult.load(tmp_path / "two.safetensors"),
                      RobustnessResult.load(tmp_path / "one.safetensors"))
+
+
+def test_budgeted_student_on_two_ranks_is_the_single_process_student(files, tmp_path):
+    """Every rank runs the same rounds and asks half of each call: the same student bits as one
+    process, the budget paid exactly once over the ranks, and a rerun pays nothing."""
+    common = ["extract", "--teacher", files["teacher"], "--budget", 300, "--student", "mlp", "--no-evaluate",
+              "--rounds", 2, "--epochs-per-round", 1, "--final-epochs", 2, "--pool-factor", 2, "--batch-size", 32]
+    rc, _, err = _run([*common, "--out", tmp_path / "one.safetensors"])
+    assert rc == 0, err
+    _finish(_torchrun([*common, "--out", tmp_path / "two.safetensors", "--query-budget", 300]))
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    m = json.loads((tmp_path / "two.safetensors.json").read_text())
+    assert m["queries"] == m["paid_this_run"] == sum(m["paid_per_rank"]) == 300 and min(m["paid_per_rank"]) == 150
+    _finish(_torchrun([*common, "--out", tmp_path / "two.safetensors"]))
+    again = json.loads((tmp_path / "two.safetensors.json").read_text())
+    assert again["paid_this_run"] == 0 and again["paid_per_rank"] == [0, 0]

@@ -5,6 +5,11 @@ exactly the images it was given, and stores each answered call under its key the
 it is answered (images by digest, labels as tensors). A rerun after an interruption asks
 for the same keys; a stored call is replayed from disk, free, after checking that it is
 about the very same images, so no query is ever paid twice.
+
+Under torchrun every rank runs the same rounds (the same bits: every random stream is
+derived from the seed); each call is split by rows over the ranks (``label_sharded``), so
+each image is asked once over all ranks and the answers gathered; rank 0 decides whether a
+call is replayed and alone writes the answers (the work directory must be shared).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+from ..parallel import broadcast, is_main, label_sharded, world
 from ..store import read_tensors, write_tensors
 
 
@@ -43,7 +49,7 @@ class QueryLedger:
         self.budget = int(budget)
         self.folder = None if folder is None else Path(folder)
         self.spent = 0  # every query of the run so far, replayed calls included
-        self.paid_here = 0  # paid to the oracle by this process
+        self.paid_here = 0  # paid to the oracle by this run (over all ranks), replays excluded
 
     def __call__(self, x: torch.Tensor, key: str) -> torch.Tensor:
         """The teacher's labels of ``x``; ``key`` names the call uniquely within the run."""
@@ -56,7 +62,7 @@ class QueryLedger:
         x = x.detach().to("cpu", torch.float32).contiguous()
         d = digest(x)
         file = None if self.folder is None else self.folder / f"query-{key}.safetensors"
-        if file is not None and file.exists():
+        if broadcast(file is not None and file.exists()):  # rank 0's view decides, for every rank
             with safe_open(str(file), framework="pt") as f:
                 stored = (f.metadata() or {}).get("digest")
             if stored != d:
@@ -64,15 +70,17 @@ class QueryLedger:
                                    "changed since the run was interrupted); use a new work directory")
             self.spent += n
             return read_tensors(file)["labels"].long()
+        rank, size = world()
+        mine = len(range(rank, n, size))  # rows rank::size are this rank's to ask
         before = getattr(self.oracle, "queries", None)
-        labels = self.oracle(x).to("cpu").long().reshape(-1)
+        labels = label_sharded(self.oracle, x).to("cpu").long().reshape(-1)
         after = getattr(self.oracle, "queries", None)
-        if before is not None and after is not None and after - before != n:
-            raise RuntimeError(f"the oracle counted {after - before} queries for a call of {n} images")
+        if before is not None and after is not None and after - before != mine:
+            raise RuntimeError(f"the oracle counted {after - before} queries for a share of {mine} images")
         if labels.shape[0] != n:
             raise RuntimeError(f"the oracle returned {labels.shape[0]} labels for {n} images")
         self.spent += n
         self.paid_here += n
-        if file is not None:
+        if file is not None and is_main():
             write_tensors(file, {"labels": labels}, metadata={"digest": d, "n": str(n)})
         return labels

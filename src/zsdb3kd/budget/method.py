@@ -16,6 +16,9 @@ A slice of each round's queries (``val_fraction``) is held out and never trained
 round's log reports the student's agreement with the teacher there. Nothing here reads a
 real label.
 
+Under torchrun every rank runs the same rounds and the teacher's calls are split over the
+ranks (see :mod:`.ledger`): the same student bits as one process, each image paid once.
+
 Resumable: with ``work_dir``, every teacher call is stored when answered and the student
 after every round; a rerun replays the stored calls (nothing is paid twice) and continues
 after the last finished round. Every random stream is derived from ``(seed, round,
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 
 from ..models import create_model
+from ..parallel import is_main
 from ..settings import content_key
 from ..store import generator, read_tensors, write_json, write_tensors
 from . import candidates as C
@@ -149,7 +153,7 @@ class _Run:
         self.ledger.spent = sum(e["queries"] for e in self.log)
 
     def _commit(self, r: int) -> None:
-        if self.dir is None:
+        if self.dir is None or not is_main():  # every rank holds the same state; rank 0 writes it
             return
         write_tensors(self.dir / f"round-{r}.safetensors", {"x": self.x[r], "y": self.y[r], "v": self.v[r]})
         t = {f"s.{k}": v for k, v in self.student.state_dict().items()}
@@ -220,7 +224,7 @@ class _Run:
                  "choose_s": round(t1 - t0, 2), "train_s": round(time.perf_counter() - t1, 2), **stats}
         self.log.append(entry)
         self._commit(r)
-        if self.progress is not None:
+        if self.progress is not None and is_main():
             self.progress(entry, len(self.plan))
 
     def run(self) -> BudgetResult:

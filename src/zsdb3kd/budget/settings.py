@@ -1,7 +1,8 @@
 """The budgeted student's recipe: one typed settings class behind the library, the
 ``[budget]`` section of a run file and the ``zsdb3kd extract`` flags.
 
-The defaults are the best recipe measured (docs/results/budget.md). Every ingredient can be
+The defaults are the recipe that measured best while the method was developed
+(docs/budget.md says what each ingredient is shown to add). Every ingredient can be
 switched off on its own, which is how the ablations are run:
 
 =========================  ==========================================================

@@ -18,6 +18,7 @@ from typing import Any
 from ..budget import BudgetSettings, build_student, train_budgeted
 from ..data import DataSettings, ImageSet
 from ..oracle import LabelOracle, TeacherSpec, load_oracle
+from ..parallel import all_gather, is_main, split_budget
 from ..settings import ConfigError, content_key
 from ..store import environment, write_json
 from ..weights import save_weights
@@ -96,7 +97,7 @@ def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.P
     if budget < 1:
         raise ConfigError(f"--budget must be at least 1 query, got {budget}")
     teacher.check()
-    oracle = load_oracle(teacher, device=device, budget=query_budget)
+    oracle = load_oracle(teacher, device=device, budget=split_budget(query_budget))
     if pool and data is None:
         raise ConfigError("--pool train needs --data (whose training images become the pool)")
     images = data.load("train") if pool else None  # labels never read: the pool is images only
@@ -107,21 +108,24 @@ def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.P
     res = train_budgeted(oracle, student, budget, settings, seed=seed, pool=None if images is None else images.x,
                          work_dir=work, device=device, progress=RoundLog("extract", budget, settings))
     metrics: dict[str, Any] = {"student": student, "budget": budget, "queries": res.queries,
-                               "paid_this_run": res.paid, "pool": bool(pool), "seed": seed,
+                               "paid_this_run": res.paid, "paid_per_rank": all_gather(oracle.queries),
+                               "pool": bool(pool), "seed": seed,
                                "agreement_held_out": res.log[-1]["agreement_held_out"],
                                "settings": settings.model_dump(mode="json"), "rounds": res.log,
                                "environment": environment()}
-    save_weights(res.student, out, arch=student, input_shape=tuple(oracle.input_shape),
-                 num_classes=oracle.num_classes,
-                 extra={"method": "budgeted-pool" if pool else "budgeted", "teacher_queries": str(res.queries)})
-    write_json(Path(f"{out}.json"), metrics)
+    if is_main():
+        save_weights(res.student, out, arch=student, input_shape=tuple(oracle.input_shape),
+                     num_classes=oracle.num_classes,
+                     extra={"method": "budgeted-pool" if pool else "budgeted", "teacher_queries": str(res.queries)})
+        write_json(Path(f"{out}.json"), metrics)
     if data is not None and evaluate:  # the test split is read once, after the student is final and saved
         from ..distill import accuracy
 
         test = data.load("test")
         check_inputs(oracle, student, test, None, budget)
         metrics["test_acc"] = accuracy(res.student, test.x, test.y, device=device)
-        write_json(Path(f"{out}.json"), metrics)
+        if is_main():
+            write_json(Path(f"{out}.json"), metrics)
     return metrics
 
 
@@ -151,8 +155,9 @@ def budgeted_row(kind: str, budget: int, oracle: LabelOracle, student: str, sett
            "val_acc": res.log[-1]["agreement_held_out"], "test_acc": accuracy(res.student, test.x, test.y,
                                                                               device=device),
            "train_time_s": round(time.perf_counter() - t0, 1)}
-    save_weights(res.student, work / "student.safetensors", arch=student, input_shape=tuple(test.x.shape[1:]),
-                 num_classes=oracle.num_classes, extra={"method": f"{kind}@{budget}"})
-    write_json(done, row)
+    if is_main():
+        save_weights(res.student, work / "student.safetensors", arch=student, input_shape=tuple(test.x.shape[1:]),
+                     num_classes=oracle.num_classes, extra={"method": f"{kind}@{budget}"})
+        write_json(done, row)
     log.info(f"student[{kind}@{budget}]: held-out agreement {row['val_acc']:.2f}%  test {row['test_acc']:.2f}%")
     return row
