@@ -277,7 +277,7 @@ from zsdb3kd.parallel import init_from_env, world
 
 init_from_env("cpu")
 rank, _ = world()
-x, y, xv, yv = torch.load(sys.argv[1])
+x, y, xv, yv = torch.load(sys.argv[1], weights_only=True)
 torch.manual_seed(0)
 model = create_model("cnn-small", num_classes=4, input_shape=(1, 8, 8))
 res = train(model, x, y, xv, yv, TrainSettings(epochs=4, batch_size=50, lr=3e-3), seed=0, progress=False,
@@ -296,7 +296,7 @@ def test_ddp_ranks_select_the_same_epoch_and_end_with_the_same_model(tmp_path):
     torch.save((x[:500], y[:500], x[500:], y[500:]), tmp_path / "data.pt")
     (tmp_path / "worker.py").write_text(WORKER)
     _finish(_torchrun([tmp_path / "worker.py", tmp_path / "data.pt", tmp_path], module=False))
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["best_epoch"] == r1["best_epoch"] and r0["history"] == r1["history"]
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
     assert not (tmp_path / "train.pt").exists()  # rank 0's checkpoint, removed at the end

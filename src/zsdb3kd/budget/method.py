@@ -28,6 +28,7 @@ student bits as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -132,8 +133,6 @@ class _Run:
         f = self.dir / "state.json"
         if not f.exists():
             return
-        import json
-
         state = json.loads(f.read_text())
         if content_key(state.get("meta")) != content_key(self._meta()):
             raise ValueError(f"{self.dir} holds a run with other settings, budget, seed, student, teacher shape or "

@@ -9,19 +9,23 @@ is final, to report its accuracy; nothing selects on it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from ..budget import BudgetSettings, build_student, train_budgeted
+from ..budget import BudgetSettings, build_student, plan_rounds, train_budgeted
 from ..data import DataSettings, ImageSet
+from ..distill import accuracy
 from ..oracle import LabelOracle, TeacherSpec, load_oracle
 from ..parallel import all_gather, is_main, split_budget
 from ..settings import ConfigError, content_key
 from ..store import environment, write_json
 from ..weights import save_weights
+from .jobs import check_plan
 
 log = logging.getLogger("zsdb3kd")
 
@@ -36,10 +40,6 @@ def recipe(kind: str, settings: BudgetSettings) -> BudgetSettings:
     all its rounds (so the comparison is about which images are asked, not training length)."""
     if kind != "random":
         return settings
-    from itertools import accumulate
-
-    from ..budget import plan_rounds
-
     scale = 1_000_000  # round shares, budget-independent up to rounding
     earlier = list(accumulate(plan_rounds(scale, settings.rounds, settings.init_fraction)))[:-1]
     extra = settings.epochs_per_round * sum(earlier) / scale
@@ -51,10 +51,6 @@ class RoundLog:
     from the training work still to do (images x epochs of the remaining rounds)."""
 
     def __init__(self, what: str, budget: int, settings: BudgetSettings) -> None:
-        from itertools import accumulate
-
-        from ..budget import plan_rounds
-
         self.what, self.budget, self.t0 = what, budget, time.perf_counter()
         plan = plan_rounds(budget, settings.rounds, settings.init_fraction)
         epochs = [settings.epochs_per_round] * (len(plan) - 1) + [settings.final_epochs]
@@ -91,8 +87,6 @@ def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.P
     metrics beside it (``<out>.json``). ``pool``: the training split of ``data`` is the
     candidate pool (its labels are never read). ``work_dir`` (default ``<out>.work``) keeps
     every answered query and the student after each round: rerun to resume."""
-    from .jobs import check_plan
-
     settings = settings or BudgetSettings()
     if budget < 1:
         raise ConfigError(f"--budget must be at least 1 query, got {budget}")
@@ -119,8 +113,6 @@ def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.P
                      extra={"method": "budgeted-pool" if pool else "budgeted", "teacher_queries": str(res.queries)})
         write_json(Path(f"{out}.json"), metrics)
     if data is not None and evaluate:  # the test split is read once, after the student is final and saved
-        from ..distill import accuracy
-
         test = data.load("test")
         check_inputs(oracle, student, test, None, budget)
         metrics["test_acc"] = accuracy(res.student, test.x, test.y, device=device)
@@ -133,15 +125,11 @@ def budgeted_row(kind: str, budget: int, oracle: LabelOracle, student: str, sett
                  run: Path, teacher_sha: str, test: ImageSet, pool: ImageSet | None, device: str,
                  key_parts: list) -> dict[str, Any]:
     """One report row of a run file: trained (or resumed, or reused) in ``run``."""
-    from ..distill import accuracy
-
     s = recipe(kind, settings)
     key = content_key("budgeted", kind, budget, student, s.key(), seed, teacher_sha, *key_parts, length=12)
     work = run / f"{kind}-{budget}-{key}"
     done = work / "metrics.json"
     if done.exists():
-        import json
-
         log.info(f"student[{kind}@{budget}]: reusing {work.name}")
         return json.loads(done.read_text())
     log.info(f"student[{kind}@{budget}]: {budget:,} queries in {s.rounds + 1} round(s)")
