@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataError
     from .experiment.jobs import PlanOnly
     from .oracle import OracleError, QueryBudgetExceeded
-    from .parallel import init_from_env, is_main
+    from .parallel import finish, init_from_env, is_main
     from .synthesis import SynthesisError
     from .weights import WeightsError
 
@@ -210,8 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         init_from_env(getattr(args, f"{Common.__name__}__device", "cpu"))
         with contextlib.nullcontext() if is_main() else contextlib.redirect_stdout(io.StringIO()):
-            return _COMMANDS[args.command](args)  # under torchrun only rank 0 reports
+            status = _COMMANDS[args.command](args)  # under torchrun only rank 0 reports
+        finish()
+        return status
     except PlanOnly as e:
+        finish()
         print(e)
         return 0
     except (DataError, WeightsError, QueryBudgetExceeded, SynthesisError, FileNotFoundError, ValueError,
