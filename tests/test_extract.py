@@ -111,6 +111,8 @@ def test_extract_with_a_pool_asks_only_about_pool_images(teacher, data_dir, tmp_
     (["--pool", "train", "--data", "npz"], "fewer than the budget"),
     (["--budget", "0", "--no-evaluate"], "at least 1 query"),
     (["--acquisition", "oracle", "--no-evaluate"], "--acquisition"),
+    (["--data", "fashion-mnist"], "test images are (1, 28, 28), the teacher takes (1, 8, 12)"),
+    (["--data", "npz", "--data-root", "no/such/dir.npz"], "does not exist"),
 ])
 def test_extract_refuses_before_any_query(tmp_path, monkeypatch, capsys, extra, words):
     teacher = _teacher(tmp_path / "t812.safetensors", shape=(1, 8, 12), arch="mlp")

@@ -46,6 +46,15 @@ class DataSettings(Settings):
             raise ValueError("a count must be >= 1")
         return v
 
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` of a named dataset, known without reading it; ``None`` for folders and npz."""
+        return {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}.get(self.name)
+
+    def check_readable(self) -> None:
+        """A ``root`` given but missing: a :class:`DataError` now, before anything is spent."""
+        if self.root is not None and not Path(self.root).exists():
+            raise DataError(f"{self.name}: {self.root} does not exist")
+
     def load(self, split: str = "train") -> ImageSet:
         return load_dataset(self.name, self.root, split, pixel_scale=self.pixel_scale)
 

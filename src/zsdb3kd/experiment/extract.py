@@ -96,6 +96,12 @@ def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.P
         raise ConfigError("--pool train needs --data (whose training images become the pool)")
     images = data.load("train") if pool else None  # labels never read: the pool is images only
     check_inputs(oracle, student, None, images, budget)
+    if data is not None and evaluate:  # what can be known of the test split without reading it
+        data.check_readable()
+        known = data.image_shape()
+        if known is not None and known != tuple(oracle.input_shape):
+            raise ConfigError(f"{data.name} test images are {known}, the teacher takes {tuple(oracle.input_shape)}: "
+                              "pass --data (and --data-root) for the teacher's own test images, or --no-evaluate")
     check_plan(f"extract {student} ({'real unlabelled pool' if pool else 'zero-shot'})", budget, query_budget,
                plan_only)
     work = Path(work_dir) if work_dir is not None else Path(f"{out}.work")
