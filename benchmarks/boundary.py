@@ -10,6 +10,8 @@ agreement of the resulting soft labels with the
 reference's (mean KL at T=20 and top-2 agreement) at 1k and 2k; wall time and q/s.
 Every run is cached under ``--cache`` (keyed by teacher hash, samples, seed and
 settings), so the expensive reference is computed once and an interrupted run resumes.
+With ``--out FILE.json`` the tables are also written as JSON (with the command), from which
+``python scripts/results_pages.py`` renders ``docs/results/boundary-distances.md``.
 
 Peers (optional benchmark dependencies, not package dependencies), on the same teacher,
 samples and targets, each pair starting from the nearest training image of the target
@@ -20,6 +22,7 @@ class: foolbox's HopSkipJumpAttack and ART's SignOPTAttack
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,6 +33,7 @@ from zsdb3kd.data import load_dataset
 from zsdb3kd.oracle import load_oracle
 from zsdb3kd.robustness import CandidatePool, RobustnessResult, RobustnessSettings, compute_robustness
 from zsdb3kd.softlabels import logits_from_distances
+from zsdb3kd.store import write_json
 from zsdb3kd.weights import file_sha256
 
 BUDGETS = (250, 500, 1000, 2000, 4000)
@@ -95,6 +99,7 @@ def main() -> None:
                     help="also run our methods to this many queries per pair (checkpoints every 1,000) and "
                          "print how many they need to come within --reach of the reference")
     ap.add_argument("--reach", default="1.05,1.10", help="median-ratio targets for --reach-budget")
+    ap.add_argument("--out", default=None, help="also write the tables as JSON here")
     args = ap.parse_args()
     if args.reach_budget and args.reach_budget < 1000:
         ap.error("--reach-budget must be at least 1000")
@@ -146,23 +151,42 @@ def main() -> None:
             d = {b: full[i] for i, b in enumerate(BUDGETS)}
             q = len(pairs) * max(BUDGETS)
             rows.append((name + " (peer)", d, blob["wall"], q))
+    records = [summarise(spec, d, d_ref, own, labels, wall, q) for spec, d, wall, q in rows]
     header = ("| estimator | " + " | ".join(f"{b} q" for b in BUDGETS)
               + " | p90@2k | p90@4k | KL@1k | top2@1k | KL@2k | top2@2k | wall to 4k (s) | q/s |")
     print(header)
     print("|" + "---|" * (len(BUDGETS) + 9))
-    for spec, d, wall, q in rows:
-        ratios = [float((d[b][~own] / d_ref[~own]).median()) for b in BUDGETS]
-        # the tail: 90th percentile of the per-pair ratio (the worst pairs dominate a soft label)
-        p90 = [float((d[b][~own] / d_ref[~own]).nan_to_num(posinf=1e9).quantile(0.9)) for b in (2000, 4000)]
-        kl1, t1 = soft_agreement(d[1000], d_ref, labels)
-        kl2, t2 = soft_agreement(d[2000], d_ref, labels)
-        print(f"| {spec} | " + " | ".join(f"{r:.3f}" for r in ratios) + " | " + " | ".join(f"{r:.3f}" for r in p90)
-              + f" | {kl1:.2e} | {t1:.2f} | {kl2:.2e} | {t2:.2f} | {wall:.0f} | {q / wall:,.0f} |")
-    if args.reach_budget:
-        reach_table(args, sha, x, pool, d_ref, own, ref_wall)
+    for r in records:
+        print(f"| {r['estimator']} | " + " | ".join(f"{v:.3f}" for v in r["median_ratio"].values()) + " | "
+              + " | ".join(f"{v:.3f}" for v in r["p90_ratio"].values())
+              + f" | {r['kl'][1000]:.2e} | {r['top2'][1000]:.2f} | {r['kl'][2000]:.2e} | {r['top2'][2000]:.2f}"
+              f" | {r['wall_s']:.0f} | {r['queries'] / r['wall_s']:,.0f} |")
+    reach = reach_table(args, sha, x, pool, d_ref, own, ref_wall) if args.reach_budget else []
+    if args.out:
+        write_json(args.out, {
+            "command": "python " + shlex.join(sys.argv),
+            "teacher_sha256": sha, "data": args.data, "samples": args.samples, "targets": int(d_ref.shape[1] - 1),
+            "pairs": int((~own).sum()), "seed": args.seed, "budgets": list(BUDGETS),
+            "reference": {"method": "mbd", "queries_per_pair": args.reference_budget, "queries": ref_q,
+                          "wall_s": ref_wall, "median_distance": float(d_ref[~own].median())},
+            "threads": torch.get_num_threads(), "rows": records, "reach": reach})
+        print(f"wrote {args.out}")
 
 
-def reach_table(args, sha, x, pool, d_ref, own, ref_wall) -> None:
+def summarise(spec, d, d_ref, own, labels, wall, q) -> dict:
+    """One estimator's row: median and 90th-percentile ratio to the reference per budget, soft-label
+    agreement at 1k and 2k, wall time and queries."""
+    ratio = {b: d[b][~own] / d_ref[~own] for b in BUDGETS}
+    kl, top2 = {}, {}
+    for b in (1000, 2000):
+        kl[b], top2[b] = soft_agreement(d[b], d_ref, labels)
+    return {"estimator": spec, "median_ratio": {b: float(ratio[b].median()) for b in BUDGETS},
+            # the tail: the worst pairs dominate a soft label
+            "p90_ratio": {b: float(ratio[b].nan_to_num(posinf=1e9).quantile(0.9)) for b in (2000, 4000)},
+            "kl": kl, "top2": top2, "wall_s": float(wall), "queries": int(q)}
+
+
+def reach_table(args, sha, x, pool, d_ref, own, ref_wall) -> list[dict]:
     """Queries per pair (and wall time, pro rata) each of our methods needs before its median
     ratio to the reference falls to each ``--reach`` target."""
     targets = [float(t) for t in args.reach.split(",")]
@@ -171,6 +195,7 @@ def reach_table(args, sha, x, pool, d_ref, own, ref_wall) -> None:
           f"searched up to {args.reach_budget:,}, in steps of 1,000")
     print("| estimator | " + " | ".join(f"median <= {t:.2f}x: q/pair, s, speed-up" for t in targets) + " |")
     print("|" + "---|" * (len(targets) + 1))
+    out = []
     for spec in args.methods:
         if spec == "mbd":
             continue  # the reference itself
@@ -179,12 +204,15 @@ def reach_table(args, sha, x, pool, d_ref, own, ref_wall) -> None:
         cells = []
         for t in targets:
             hit = next((b for b in cps if med[b] <= t), None)
+            w = wall * hit / args.reach_budget if hit is not None else None
+            out.append({"estimator": spec, "target": t, "queries_per_pair": hit, "wall_s": w,
+                        "median_at_end": med[cps[-1]], "searched_to": args.reach_budget})
             if hit is None:
                 cells.append(f"not within {args.reach_budget:,} ({med[cps[-1]]:.3f}x)")
             else:
-                w = wall * hit / args.reach_budget
                 cells.append(f"{hit:,}, {w:.0f} s, {args.reference_budget / hit:.1f}x q / {ref_wall / w:.1f}x time")
         print(f"| {spec} | " + " | ".join(cells) + " |")
+    return out
 
 
 if __name__ == "__main__":

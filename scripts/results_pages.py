@@ -1,15 +1,18 @@
 """Render the results pages and the README's headline table from the JSON the benchmarks wrote.
 
-    python scripts/results_pages.py          # rewrites docs/results/budget.md and the README table
+    python scripts/results_pages.py          # rewrites every generated block of docs/results/ and the README
+    python scripts/results_pages.py --record runs/quickstart db3kd-fashion-mnist --command "bash scripts/quickstart.sh"
+                                             # keeps a run's report.json as docs/results/<page>.json
 
-Each table is generated from ``docs/results/<name>.json`` (written by ``benchmarks/<name>.py``),
-with the command that produced it, so a rerun of the benchmark followed by this script
+Each table is generated from ``docs/results/<name>.json`` (written by ``benchmarks/<name>.py``, or
+the ``report.json`` of a ``zsdb3kd run`` kept with ``--record``), with the command that produced it, so a rerun of the benchmark followed by this script
 refreshes the docs. Text between ``<!-- generated:NAME -->`` and ``<!-- /generated -->``
 markers is replaced; everything else in a page is left as written.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import statistics
@@ -121,6 +124,91 @@ def scale_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def paper_chain_table(doc: dict) -> str:
+    """The paper's zero-shot chain scaled to a budget, beside random images and the budgeted student
+    at the same budgets (the ``paper`` records of budget.json)."""
+    recs = doc["records"]
+    methods = ("paper", "random", "budgeted-off", "budgeted")
+    out = []
+    for dataset in dict.fromkeys(r["dataset"] for r in recs if r["method"] == "paper"):
+        rows = [r for r in recs if r["dataset"] == dataset and r["method"] in methods]
+        budgets = sorted({r["budget"] for r in rows if r["method"] == "paper"})
+        out += [f"### {dataset} (teacher {rows[0]['teacher_acc']:.2f}%)", "",
+                "| method | " + " | ".join(f"{b:,} queries" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+        for m in methods:
+            cells = [_cell([r["test_acc"] for r in rows if r["method"] == m and r["budget"] == b]) for b in budgets]
+            if any(cells):
+                out.append(f"| `{m}` | " + " | ".join(cells) + " |")
+        paper = [r for r in rows if r["method"] == "paper"]
+        out += ["", "Seeds: " + ", ".join(sorted({str(r["seed"]) for r in paper})) + "; the paper chain's cells took "
+                + ", ".join(f"{r['wall_s']:,.0f} s" for r in paper) + ".", ""]
+    return "\n".join(out)
+
+
+def boundary_table(doc: dict) -> str:
+    """Median (and 90th-percentile) distance reached per query budget, as a ratio to the paper's MBD
+    at the reference budget (benchmarks/boundary.py --out)."""
+    ref, budgets = doc["reference"], [str(b) for b in doc["budgets"]]
+    best = {b: min(r["median_ratio"][b] for r in doc["rows"]) for b in budgets}
+    lines = [f"```bash\n{doc['command']}\n```", "",
+             f"{doc['samples']} {doc['data']} test images x {doc['targets']} targets = {doc['pairs']} pairs, "
+             f"{doc['threads']} thread(s). Reference: the paper-faithful MBD at {ref['queries_per_pair']:,} queries "
+             f"per pair ({ref['queries']:,} queries, {ref['wall_s']:,.0f} s, median distance "
+             f"{ref['median_distance']:.3f}). Cells: median over pairs of the distance reached within that many "
+             "queries per pair, divided by the pair's reference distance (lower is better, best in bold); p90: the "
+             "90th percentile of that ratio; KL (T = 20) and top-2 agreement compare the soft labels with the "
+             "reference's.", "",
+             "| estimator | " + " | ".join(f"{int(b):,}" for b in budgets)
+             + " | p90, 2k | p90, 4k | KL, 1k | top-2, 1k | KL, 2k | top-2, 2k | wall to 4k (s) | q/s |",
+             "|---|" + "---:|" * (len(budgets) + 8)]
+    for r in doc["rows"]:
+        med = [(f"**{r['median_ratio'][b]:.3f}**" if r["median_ratio"][b] == best[b] else f"{r['median_ratio'][b]:.3f}")
+               for b in budgets]
+        lines.append(f"| `{r['estimator']}` | " + " | ".join(med) + " | "
+                     + " | ".join(f"{v:.3f}" for v in r["p90_ratio"].values())
+                     + f" | {r['kl']['1000']:.4f} | {r['top2']['1000']:.2f} | {r['kl']['2000']:.4f} | "
+                     f"{r['top2']['2000']:.2f} | {r['wall_s']:,.0f} | {r['queries'] / r['wall_s']:,.0f} |")
+    if doc.get("reach"):
+        lines += ["", f"Queries per pair to come within a factor of the reference (searched to "
+                  f"{doc['reach'][0]['searched_to']:,}, in steps of 1,000):", "",
+                  "| estimator | target | queries per pair | wall (s) |", "|---|---:|---:|---:|"]
+        for r in doc["reach"]:
+            hit = f"{r['queries_per_pair']:,}" if r["queries_per_pair"] else f"not reached ({r['median_at_end']:.3f}x)"
+            wall = f"{r['wall_s']:,.0f}" if r["wall_s"] else ""
+            lines.append(f"| `{r['estimator']}` | {r['target']:.2f}x | {hit} | {wall} |")
+    return "\n".join(lines)
+
+
+def run_table(doc: dict) -> str:
+    """The students of one ``zsdb3kd run`` (its report.json kept with ``--record``)."""
+    rep = doc["report"]
+    t, data = rep["teacher"], rep["data"]
+    lines = [f"```bash\n{doc['command']}\n```", "",
+             f"Mode {rep['mode']}, {data['name']}; teacher `{t['arch']}` {t['test_acc']:.2f}% test accuracy "
+             f"({t['train_config']['epochs']} epochs); the whole run took {rep['wall_time_s'] / 60:.1f} min on "
+             f"{rep['environment']['threads']} thread(s) (zsdb3kd {rep['environment']['zsdb3kd']}, torch "
+             f"{rep['environment']['torch']}).", "",
+             "| student | method | teacher queries | test acc (%) | train time (s) |", "|---|---|---:|---:|---:|"]
+    best = max(s["test_acc"] for s in rep["students"] if s["total_queries"] is not None)
+    for s in rep["students"]:
+        q = f"{s['total_queries']:,}" if s["total_queries"] is not None else "logits"
+        acc = f"**{s['test_acc']:.2f}**" if s["test_acc"] == best else f"{s['test_acc']:.2f}"
+        lines.append(f"| {s['label']} | `{s['method']}` | {q} | {acc} | {s['train_time_s']:.0f} |")
+    stages = [f"{m}: {r['total_queries']:,} queries in {r['wall_time_s']:.0f} s ({r['queries_per_s']:,.0f} q/s)"
+              for m, r in rep.get("robustness", {}).items()]
+    if stages:
+        lines += ["", "Soft labels: " + "; ".join(stages) + "."]
+    return "\n".join(lines)
+
+
+def record(run_dir: Path, page: str, command: str) -> Path:
+    """Keep ``run_dir/report.json`` (the report of ``zsdb3kd run``) as ``docs/results/<page>.json``."""
+    report = json.loads((run_dir / "report.json").read_text())
+    out = RESULTS / f"{page}.json"
+    out.write_text(json.dumps({"command": command, "report": report}, indent=1, sort_keys=True) + "\n")
+    return out
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated -->)", re.S)
     if not pattern.search(text):
@@ -128,21 +216,51 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
-def main() -> int:
-    budget = RESULTS / "budget.json"
-    if budget.exists():
-        doc = json.loads(budget.read_text())
-        page = RESULTS / "budget.md"
-        text = page.read_text()
+def blocks() -> dict[Path, list[tuple[str, str]]]:
+    """Every generated block: file -> [(block name, body)], from the JSON in docs/results/."""
+    out: dict[Path, list[tuple[str, str]]] = defaultdict(list)
+    for path in sorted(RESULTS.glob("*.json")):  # run reports kept with --record
+        doc = json.loads(path.read_text())
+        if "report" in doc:
+            out[RESULTS / f"{path.stem}.md"].append(("run", run_table(doc)))
+    if (RESULTS / "boundary-distances.json").exists():
+        doc = json.loads((RESULTS / "boundary-distances.json").read_text())
+        out[RESULTS / "boundary-distances.md"].append(("boundary", boundary_table(doc)))
+    if (RESULTS / "budget.json").exists():
+        doc = json.loads((RESULTS / "budget.json").read_text())
         commands = dict.fromkeys(r.get("command", doc["command"]) for r in doc["records"])
-        text = replace_block(text, "budget", "```bash\n" + "\n".join(commands) + "\n```\n\n" + budget_tables(doc))
-        page.write_text(text)
-        readme = ROOT / "README.md"
-        readme.write_text(replace_block(readme.read_text(), "headline", headline(doc)))
-    scale = RESULTS / "scale.json"
-    if scale.exists():
-        page = RESULTS / "scale.md"
-        page.write_text(replace_block(page.read_text(), "scale", scale_table(json.loads(scale.read_text()))))
+        out[RESULTS / "budget.md"].append(("budget", "```bash\n" + "\n".join(commands) + "\n```\n\n"
+                                           + budget_tables(doc)))
+        out[ROOT / "README.md"].append(("headline", headline(doc)))
+        if any(r["method"] == "paper" for r in doc["records"]):
+            out[RESULTS / "zero-shot-paper-chain.md"].append(("paper-chain", paper_chain_table(doc)))
+    if (RESULTS / "scale.json").exists():
+        out[RESULTS / "scale.md"].append(("scale", scale_table(json.loads((RESULTS / "scale.json").read_text()))))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--record", nargs=2, metavar=("RUN_DIR", "PAGE"), help="keep RUN_DIR/report.json for PAGE first")
+    ap.add_argument("--command", help="with --record: the command that produced the run")
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page is not what its JSON gives")
+    args = ap.parse_args(argv)
+    if args.record:
+        if not args.command:
+            ap.error("--record needs --command (the command that produced the run)")
+        print(f"kept {record(Path(args.record[0]), args.record[1], args.command)}")
+    stale = []
+    for path, parts in blocks().items():
+        text = old = path.read_text()
+        for name, body in parts:
+            text = replace_block(text, name, body)
+        if text != old:
+            stale.append(path.relative_to(ROOT))
+            if not args.check:
+                path.write_text(text)
+    if args.check and stale:
+        print("not generated from their JSON: " + ", ".join(map(str, stale)) + " (run python scripts/results_pages.py)")
+        return 1
     return 0
 
 

@@ -1,0 +1,56 @@
+"""The results pages are generated from the JSON their benchmarks wrote: every table in
+docs/results/ (and the README's headline) is what scripts/results_pages.py renders now, and
+no page carries a hand-written results table outside a generated block."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+
+def _pages_module():
+    spec = importlib.util.spec_from_file_location("results_pages", ROOT / "scripts" / "results_pages.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_generated_block_is_what_its_json_gives():
+    assert _pages_module().main(["--check"]) == 0
+
+
+def test_a_page_edited_by_hand_is_caught(tmp_path, monkeypatch):
+    pages = _pages_module()
+    copy = tmp_path / "docs" / "results"
+    copy.mkdir(parents=True)
+    for p in RESULTS.iterdir():
+        copy.joinpath(p.name).write_text(p.read_text())
+    (tmp_path / "README.md").write_text((ROOT / "README.md").read_text())
+    monkeypatch.setattr(pages, "RESULTS", copy)
+    monkeypatch.setattr(pages, "ROOT", tmp_path)
+    assert pages.main(["--check"]) == 0
+    page = copy / "db3kd-fashion-mnist.md"
+    page.write_text(page.read_text().replace("**87.94**", "**97.94**"))  # a number changed by hand
+    assert pages.main(["--check"]) == 1
+    assert pages.main([]) == 0 and "**87.94**" in page.read_text() and pages.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in RESULTS.glob("*.md")))
+def test_no_results_table_outside_a_generated_block(page):
+    text = (RESULTS / page).read_text()
+    outside = re.sub(r"<!-- generated:[\w-]+ -->.*?<!-- /generated -->", "", text, flags=re.S)
+    rows = [line for line in outside.splitlines() if line.startswith("|") and re.search(r"\d\.\d", line)]
+    assert not rows, f"{page}: table rows with numbers that no JSON generates: {rows[:3]}"
+
+
+def test_each_page_json_names_the_command_that_wrote_it():
+    for path in RESULTS.glob("*.json"):
+        doc = json.loads(path.read_text())
+        assert doc.get("command"), path.name
