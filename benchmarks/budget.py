@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from zsdb3kd.data import DataSettings
 from zsdb3kd.distill import TrainSettings, accuracy, predict, train
@@ -61,6 +62,13 @@ ABLATIONS = {
     "-no-aug": {"augment_labelled": 0.0},
     "-one-round": {"rounds": 0},
     "-off": None,  # every ingredient off, same training steps: zsdb3kd.experiment.extract.recipe("random")
+    # levers (not ablations): one change each against the default recipe
+    "-dip-mix": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "dip": 2.0}},
+    "-dip": {"candidates": {"dip": 1.0}},
+    "-pool32": {"pool_factor": 32.0},
+    "-rounds16": {"rounds": 16},
+    "-final120": {"final_epochs": 120.0},
+    "-entropy": {"acquisition": "entropy"},
 }
 
 
@@ -147,6 +155,19 @@ def run_reference(kind: str, data: DataSettings, teacher: Path, student: str, se
     return model, oracle.queries
 
 
+def save_cell(out: Path, rec: dict, command: str) -> dict:
+    """Add one cell to ``out`` under a file lock, re-reading it first: several invocations may
+    fill the same grid at once without losing each other's cells."""
+    with FileLock(f"{out}.lock"):
+        doc = json.loads(out.read_text()) if out.exists() else {"command": "", "records": []}
+        key = (rec["dataset"], rec["method"], rec["budget"], rec["seed"])
+        doc["records"] = [r for r in doc["records"] if (r["dataset"], r["method"], r["budget"], r["seed"]) != key]
+        doc["records"].append(rec)
+        doc["command"] = command
+        write_json(out, doc)
+    return doc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["fashion-mnist"], choices=sorted(DATASETS))
@@ -199,8 +220,7 @@ def main() -> None:
                            "threads": torch.get_num_threads(), "command": doc["command"]}
                     assert budget is None or spent <= budget, rec
                     print(json.dumps(rec), flush=True)
-                    doc["records"].append(rec)
-                    write_json(out, doc)  # after every cell: an interrupted benchmark keeps what it measured
+                    doc = save_cell(out, rec, doc["command"])  # an interrupted benchmark keeps what it measured
 
 
 if __name__ == "__main__":

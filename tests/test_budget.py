@@ -177,6 +177,20 @@ def test_candidates_are_deterministic_and_in_range():
         assert float(y.min()) >= 0 and float(y.max()) <= 1
 
 
+@pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 12), (3, 32, 32)])
+def test_dip_candidates_shape_range_determinism(shape):
+    assert "dip" in C.KINDS and C.GENERATORS["dip"] is C.dip
+    x1 = C.dip(10, shape, torch.Generator().manual_seed(7))
+    x2 = C.dip(10, shape, torch.Generator().manual_seed(7))
+    x3 = C.dip(10, shape, torch.Generator().manual_seed(8))
+    assert x1.shape == (10, *shape) and x1.dtype == torch.float32
+    assert torch.isfinite(x1).all() and float(x1.min()) >= 0 and float(x1.max()) <= 1
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert float(x1.reshape(10, -1).std(1).min()) > 0  # not flat images
+    x = C.synthesize(12, shape, torch.Generator().manual_seed(0), {"dip": 1, "noise": 1})
+    assert x.shape == (12, *shape) and float(x.min()) >= 0 and float(x.max()) <= 1
+
+
 # ----------------------------------------------------------------------------- ingredients
 
 OFF = {

@@ -12,15 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import fmnist_npz
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from zsdb3kd.cli import main
-from zsdb3kd.data import DEFAULT_ROOTS, DataError, load_dataset
+from zsdb3kd.data import DEFAULT_ROOTS, load_dataset
 
 FMNIST = Path(DEFAULT_ROOTS["fashion-mnist"])
 if not FMNIST.is_dir():

@@ -28,7 +28,7 @@ from zsdb3kd.data import DEFAULT_ROOTS, load_dataset
 from zsdb3kd.experiment import RunConfig, load_config, parse_student_method, plan_experiment, run_experiment
 from zsdb3kd.experiment.config import DataSection, RobustnessSection, StudentSection, TeacherSection
 from zsdb3kd.oracle import LabelOracle, load_oracle
-from zsdb3kd.settings import ConfigError, validate
+from zsdb3kd.settings import ConfigError
 from zsdb3kd.synthesis import PseudoSamples, SynthesisFields
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:matplotlib")

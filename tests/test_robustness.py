@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -236,7 +235,7 @@ def test_bd_is_an_upper_bound_and_mbd_improves_it(linear_teacher, linear_data):
     # BD searches only along directions to pool samples: a true upper bound, here 2-4x the exact distance
     assert (r >= 1 - 1e-4).all() and np.isfinite(r).all() and np.median(r) > 1.5
     own = torch.nn.functional.one_hot(bd.teacher_labels, K).bool()
-    d_bd, d_mbd, d_sd = bd.distances[~own][:, -1], mbd.distances[~own][:, -1], sd.distances[~own][:, -1]
+    d_bd, d_mbd = bd.distances[~own][:, -1], mbd.distances[~own][:, -1]
     # MBD starts from the same BD directions (same seed) and only ever improves on them
     assert (d_mbd <= d_bd + 1e-6).all() and float(d_mbd.median()) < 0.5 * float(d_bd.median())
     # SD is the straight-line distance to a target-class sample: never below the exact distance either

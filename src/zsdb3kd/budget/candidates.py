@@ -17,11 +17,17 @@ Kinds (mixed by :func:`synthesize`):
   in order on a dark or noisy background.
 * ``strokes``: thick random polylines (pen strokes), one to three per image.
 * ``smooth``: the low-frequency blobs of the existing ``random`` baseline (for ablations).
+* ``dip``: "deep image prior" images: low-resolution Gaussian noise (a few channels at
+  about 1/4 or 1/8 of the image size) through a small conv decoder whose weights are drawn
+  at random for every image (2 or 3 stages of 2x nearest/bilinear upsampling, 3x3 conv,
+  instance normalisation and leaky ReLU, then a 1x1 conv to the image's channels; the
+  per-image weights run as one grouped convolution, so nothing loops over samples), then
+  per-image min-max scaling, left-right mirror symmetry for half of them, and the random
+  contrast curve of ``noise``. Structured textures and blobs with sharp, correlated edges.
 
-Transforms (applied to candidates and to already-labelled images, see ``mutate``):
-random affine maps (rotation, anisotropic scale, shear, translation), elastic
-deformation (a smooth random displacement field), cut-mix and mixup between images, and
-additive noise.
+:func:`synthesize` mixes the kinds and deforms / cut-mixes a share of them with the
+transforms of :mod:`.transforms` (which also makes the variations of labelled images,
+``mutate``).
 """
 
 from __future__ import annotations
@@ -31,16 +37,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .transforms import _resize, _u, cutmix, deform, mutate
+
+__all__ = ["GENERATORS", "KINDS", "Shape", "mutate", "synthesize", *("noise", "shapes", "strokes", "smooth", "objects",
+                                                                     "curves", "dip")]
+
 Shape = tuple[int, int, int]
 
-KINDS: tuple[str, ...] = ("noise", "shapes", "strokes", "smooth", "objects", "curves")
+KINDS: tuple[str, ...] = ("noise", "shapes", "strokes", "smooth", "objects", "curves", "dip")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _u(g: torch.Generator, *size: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(*size, generator=g)
-
 
 def _grid(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-centre coordinates normalised so that the longer side spans [-1, 1]."""
@@ -48,12 +55,6 @@ def _grid(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     ys = (torch.arange(h, dtype=torch.float32) + 0.5 - h / 2) / (s / 2)
     xs = (torch.arange(w, dtype=torch.float32) + 0.5 - w / 2) / (s / 2)
     return ys[:, None].expand(h, w), xs[None, :].expand(h, w)
-
-
-def _resize(z: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    if z.shape[-2:] == (h, w):
-        return z
-    return F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False)
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -264,71 +265,54 @@ def curves(n: int, shape: Shape, g: torch.Generator, *, segments: int = 12) -> t
     return (out * col).clamp(0, 1)
 
 
+def _dip_decode(z: torch.Tensor, stages: int, c_out: int, h: int, w: int, g: torch.Generator,
+                width: int = 8) -> torch.Tensor:
+    """Decode ``z`` ``(n, width, rh, rw)`` through ``stages`` random conv stages (new weights
+    per image, one grouped convolution per layer) to ``(n, c_out, H, W)`` (unnormalised)."""
+    n = z.shape[0]
+    x = z
+    for i in range(stages):
+        th = max(1, round(h * 2 ** (i + 1 - stages)))
+        tw = max(1, round(w * 2 ** (i + 1 - stages)))
+        mode = "nearest" if torch.rand(1, generator=g).item() < 0.5 else "bilinear"
+        x = F.interpolate(x, size=(th, tw), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+        wt = torch.randn(n * width, width, 3, 3, generator=g) * math.sqrt(2.0 / (width * 9))
+        b = torch.randn(n * width, generator=g) * 0.1
+        x = F.conv2d(x.reshape(1, n * width, th, tw), wt, b, padding=1, groups=n).reshape(n, width, th, tw)
+        mu = x.mean(dim=(2, 3), keepdim=True)
+        sd = x.std(dim=(2, 3), keepdim=True, unbiased=False) if th * tw > 1 else torch.ones_like(mu)
+        x = F.leaky_relu((x - mu) / (sd + 1e-5), 0.2)
+    x = _resize(x, h, w)
+    wt = torch.randn(n * c_out, width, 1, 1, generator=g) / math.sqrt(width)
+    return F.conv2d(x.reshape(1, n * width, h, w), wt, groups=n).reshape(n, c_out, h, w)
+
+
+def dip(n: int, shape: Shape, g: torch.Generator, *, width: int = 8) -> torch.Tensor:
+    """Deep-image-prior images: random noise through a randomly initialised conv decoder
+    (new weights for every image), min-max scaled, half mirror-symmetric, random contrast."""
+    c, h, w = shape
+    out = torch.empty(n, c, h, w)
+    stages = 2 + (torch.rand(n, generator=g) < 0.5).long()  # 2 stages from ~H/4, 3 from ~H/8
+    for st in (2, 3):
+        rows = torch.nonzero(stages == st).squeeze(1)
+        if rows.numel() == 0:
+            continue
+        rh = max(1, round(h / 2 ** st))
+        rw = max(1, round(w / 2 ** st))
+        z = torch.randn(rows.numel(), width, rh, rw, generator=g)
+        out[rows] = _dip_decode(z, st, c, h, w, g, width)
+    if c > 1:  # a shared grey component of random strength, as in octave_noise
+        shared = _u(g, n, 1, 1, 1)
+        out = shared * out.mean(1, keepdim=True) + (1 - shared) * out
+    out = _normalise(out)
+    sym = torch.rand(n, 1, 1, 1, generator=g) < 0.5
+    left = (torch.arange(w) < (w + 1) // 2)[None, None, None, :]
+    out = torch.where(sym, torch.where(left, out, out.flip(-1)), out)
+    return _contrast(out, g)
+
+
 GENERATORS = {"noise": noise, "shapes": shapes, "strokes": strokes, "smooth": smooth, "objects": objects,
-              "curves": curves}
-
-
-# ----------------------------------------------------------------------------- transforms
-
-def affine(x: torch.Tensor, g: torch.Generator, *, strength: float = 1.0) -> torch.Tensor:
-    """Random rotation (+-30 deg), scale (0.75..1.3 per axis), shear and translation (+-15%)."""
-    n = x.shape[0]
-    s = strength
-    rot = _u(g, n, lo=-0.52, hi=0.52) * s
-    sc = torch.exp(_u(g, n, 2, lo=-0.28, hi=0.28) * s)
-    sh = _u(g, n, lo=-0.3, hi=0.3) * s
-    tr = _u(g, n, 2, lo=-0.3, hi=0.3) * s
-    cos, sin = torch.cos(rot), torch.sin(rot)
-    a = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (n, 2, 2)
-    shear = torch.eye(2).repeat(n, 1, 1)
-    shear[:, 0, 1] = sh
-    m = a @ shear @ torch.diag_embed(sc)
-    theta = torch.cat([m, tr[:, :, None]], 2)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def elastic(x: torch.Tensor, g: torch.Generator, *, alpha: float = 0.15, res: int = 4) -> torch.Tensor:
-    """Smooth random displacement (up to ~``alpha`` of the half-width) sampled bilinearly."""
-    n, _, h, w = x.shape
-    base = F.affine_grid(torch.eye(2, 3).repeat(n, 1, 1), list(x.shape), align_corners=False)
-    disp = _resize(_u(g, n, 2, res, res, lo=-1.0, hi=1.0), h, w).permute(0, 2, 3, 1)
-    amt = _u(g, n, 1, 1, 1, hi=alpha)
-    return F.grid_sample(x, base + disp * amt, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def cutmix(x: torch.Tensor, other: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Paste a random box (10%..60% of each side) of ``other`` into ``x``."""
-    n, _, h, w = x.shape
-    bh = (_u(g, n, lo=0.1, hi=0.6) * h).long().clamp_min(1)
-    bw = (_u(g, n, lo=0.1, hi=0.6) * w).long().clamp_min(1)
-    y0 = (torch.rand(n, generator=g) * (h - bh + 1)).long()
-    x0 = (torch.rand(n, generator=g) * (w - bw + 1)).long()
-    rows = torch.arange(h)[None]
-    cols = torch.arange(w)[None]
-    my = (rows >= y0[:, None]) & (rows < (y0 + bh)[:, None])
-    mx = (cols >= x0[:, None]) & (cols < (x0 + bw)[:, None])
-    m = (my[:, :, None] & mx[:, None, :])[:, None]
-    return torch.where(m, other, x)
-
-
-def mixup(x: torch.Tensor, other: torch.Tensor, g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    lam = _u(g, x.shape[0], 1, 1, 1, lo=lo, hi=hi)
-    return lam * x + (1 - lam) * other
-
-
-def deform(x: torch.Tensor, g: torch.Generator, *, p_affine: float = 0.7, p_elastic: float = 0.5,
-           strength: float = 1.0) -> torch.Tensor:
-    """Random affine and/or elastic deformation applied to a random subset of the batch."""
-    n = x.shape[0]
-    if n == 0:
-        return x
-    a = torch.rand(n, generator=g) < p_affine
-    e = torch.rand(n, generator=g) < p_elastic
-    xa = affine(x, g, strength=strength)
-    x = torch.where(a[:, None, None, None], xa, x)
-    xe = elastic(x, g, alpha=0.15 * strength)
-    return torch.where(e[:, None, None, None], xe, x)
+              "curves": curves, "dip": dip}
 
 
 def synthesize(n: int, shape: Shape, g: torch.Generator, mix: dict[str, float], *,
@@ -358,24 +342,4 @@ def synthesize(n: int, shape: Shape, g: torch.Generator, mix: dict[str, float], 
         sel = torch.rand(n, generator=g) < cutmix_p
         other = out[torch.randperm(n, generator=g)]
         out = torch.where(sel[:, None, None, None], cutmix(out, other, g), out)
-    return out.clamp(0, 1)
-
-
-def mutate(x: torch.Tensor, n: int, g: torch.Generator, *, fresh: torch.Tensor | None = None,
-           noise_sd: float = 0.05) -> torch.Tensor:
-    """``n`` variations of images drawn from ``x``: deformation, then cut-mix / mixup with
-    another image of ``x`` (or of ``fresh``), plus a little noise. Used to explore around
-    images the teacher has already labelled (class-balanced parents: see ``select``)."""
-    if x.shape[0] == 0:
-        raise ValueError("mutate needs at least one parent image")
-    idx = torch.randint(0, x.shape[0], (n,), generator=g)
-    out = deform(x[idx], g, p_affine=0.8, p_elastic=0.6, strength=0.8)
-    src = x if fresh is None or fresh.shape[0] == 0 else torch.cat([x, fresh])
-    other = src[torch.randint(0, src.shape[0], (n,), generator=g)]
-    r = torch.rand(n, generator=g)
-    cm = cutmix(out, other, g)
-    mx = mixup(out, other, g, lo=0.5, hi=1.0)
-    out = torch.where((r < 0.3)[:, None, None, None], cm, torch.where((r < 0.5)[:, None, None, None], mx, out))
-    amt = _u(g, n, 1, 1, 1, hi=noise_sd)
-    out = out + amt * torch.randn(out.shape, generator=g)
     return out.clamp(0, 1)
