@@ -90,9 +90,8 @@ def finish() -> None:
     """Leave the process group together at the end of a job that succeeded: every rank waits
     for the others (rank 0 may still be writing files) before any rank tears its connections
     down; a rank that left alone could abort the job (SIGABRT) in a peer's exit."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    barrier()
+    _leave()
 
 
 def barrier() -> None:
