@@ -111,24 +111,34 @@ def test_extract_with_a_pool_asks_only_about_pool_images(teacher, data_dir, tmp_
     (["--pool", "train", "--data", "npz"], "fewer than the budget"),
     (["--budget", "0", "--no-evaluate"], "at least 1 query"),
     (["--acquisition", "oracle", "--no-evaluate"], "--acquisition"),
-    (["--data", "fashion-mnist"], "test images are (1, 28, 28), the teacher takes (1, 8, 12)"),
+    (["--data", "fashion-mnist"], "test images are 1x28x28 (C x H x W), the teacher takes 1x8x12"),
     (["--data", "npz", "--data-root", "no/such/dir.npz"], "does not exist"),
+    (["--data", "npz", "--data-root", "{wide}"], "test images are 1x28x28 (C x H x W)"),  # from the npz header
+    (["--data", "npz", "--data-root", "{colour}"], "test images are 3x8x12 (C x H x W)"),  # (N, H, W, C) layout
+    (["--data", "folder", "--data-root", "{folder}"], "test images are ?x9x9 (C x H x W)"),  # its first image
 ])
 def test_extract_refuses_before_any_query(tmp_path, monkeypatch, capsys, extra, words):
-    teacher = _teacher(tmp_path / "t812.safetensors", shape=(1, 8, 12), arch="mlp")
-    pool = tmp_path / "pool"
-    pool.mkdir()
     import numpy as np
+    from PIL import Image
 
+    teacher = _teacher(tmp_path / "t812.safetensors", shape=(1, 8, 12), arch="mlp")
+    roots = {name: tmp_path / name for name in ("pool", "wide", "colour", "folder")}
     for split in ("train", "test"):
-        np.savez(pool / f"{split}.npz", x=np.zeros((50, 8, 12), np.float32), y=np.zeros(50, np.int64))
+        for name, shape in (("pool", (50, 8, 12)), ("wide", (50, 28, 28)), ("colour", (50, 8, 12, 3))):
+            roots[name].mkdir(exist_ok=True)
+            x = np.zeros(shape if split == "test" else (50, 8, 12), np.float32)
+            np.savez(roots[name] / f"{split}.npz", x=x, y=np.zeros(50, np.int64))
+        (roots["folder"] / split / "a").mkdir(parents=True)
+        Image.fromarray(np.zeros((9, 9), np.uint8)).save(roots["folder"] / split / "a" / "0.png")
+    extra = [e.format(**roots) for e in extra]
     spy = Spy(monkeypatch)
-    args = ["extract", "--teacher", str(teacher), "--budget", "500", "--student", "mlp", "--data-root", str(pool),
-            "--out", str(tmp_path / "s.safetensors"), *extra]
+    args = ["extract", "--teacher", str(teacher), "--budget", "500", "--student", "mlp", "--data-root",
+            str(roots["pool"]), "--out", str(tmp_path / "s.safetensors"), *extra]
     if "--budget" in extra[:1]:
         args[args.index("500") - 1: args.index("500") + 1] = []
     assert main(args) == 2
     assert words in _err(capsys) and spy.queries == 0
+    assert ("load", "test") not in spy.events  # the test split's shape is known without reading it
 
 
 def test_extract_on_a_non_square_teacher(tmp_path, capsys):

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from ..settings import Settings
 from .base import (CIFAR10_CLASSES, DATASETS, DEFAULT_ROOTS, FASHION_MNIST_CLASSES, INSTALL_HINTS, MNIST_CLASSES,
                    SPLITS, DataError, ImageSet)
-from .formats import LOADERS
+from .formats import LOADERS, peek_shape
 from .splits import Splits, choose_subset, dataset_fingerprint, make_splits, train_val_split
 
 __all__ = ["CIFAR10_CLASSES", "DATASETS", "DEFAULT_ROOTS", "DataError", "DataSettings", "FASHION_MNIST_CLASSES",
@@ -46,9 +46,19 @@ class DataSettings(Settings):
             raise ValueError("a count must be >= 1")
         return v
 
-    def image_shape(self) -> tuple[int, int, int] | None:
-        """``(C, H, W)`` of a named dataset, known without reading it; ``None`` for folders and npz."""
-        return {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}.get(self.name)
+    def image_shape(self, split: str = "test") -> tuple[int | None, int, int] | None:
+        """``(C, H, W)`` of a split's images, known without reading them: fixed for the named
+        datasets, from the array header of an npz, from the first image of a folder (whose
+        ``C`` is ``None`` when that image is grey: a colour image elsewhere would make the
+        set colour). Missing or unreadable files raise :class:`DataError`."""
+        if self.name in ("npz", "folder"):
+            if self.root is None:
+                raise DataError(f"dataset {self.name!r} has no default location; pass its path (--data-root)")
+            root = Path(self.root).expanduser()
+            if not root.exists():
+                raise DataError(f"{self.name}: data root {root} does not exist")
+            return peek_shape(self.name, root, split)
+        return peek_shape(self.name, Path("."), split)
 
     def check_readable(self) -> None:
         """A ``root`` given but missing: a :class:`DataError` now, before anything is spent."""

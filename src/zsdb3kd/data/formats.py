@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import struct
+import zipfile
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -254,29 +255,67 @@ def _load_image_folder(base: Path, name: str) -> ImageSet:
     return finish(u8_to_float(x_u8), labels, classes, name, base)
 
 
-def _load_folder(root: Path, name: str, split: str) -> ImageSet:
+def _folder_base(root: Path, split: str) -> Path:
     if (root / split).is_dir():
-        return _load_image_folder(root / split, f"{name}/{split}")
+        return root / split
     other = [s for s in SPLITS if (root / s).is_dir()]
     if other:
         raise DataError(f"{root}: expected split folder {root / split}, found only {', '.join(other)}")
-    return _load_image_folder(root, f"{name}/{split}")
+    return root
+
+
+def _load_folder(root: Path, name: str, split: str) -> ImageSet:
+    return _load_image_folder(_folder_base(root, split), f"{name}/{split}")
+
+
+def _peek_folder(root: Path, split: str) -> tuple[int | None, int, int]:
+    """``(C, H, W)`` of a folder split from its first image alone: every image has its size;
+    ``C`` is 3 when that image is in colour and unknown (``None``) when it is grey, since
+    one colour image elsewhere makes the whole set colour."""
+    base = _folder_base(root, split)
+    for cls in sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith(".")):
+        first = sorted(e.path for e in os.scandir(base / cls) if e.is_file() and not e.name.startswith(".")
+                       and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+        if first:
+            a = _decode_image(first[0])
+            return (3 if a.ndim == 3 else None), int(a.shape[0]), int(a.shape[1])
+    raise DataError(f"{base}: expected image files in {base}/<class>/, found none")
 
 
 # ----------------------------------------------------------------------------- npz
+
+def _npz_layout(shape: tuple[int, ...], path: Path) -> str:
+    """How an x of ``shape`` holds its images: ``"nhw"``, ``"nchw"`` or ``"nhwc"``."""
+    if len(shape) == 3:
+        return "nhw"
+    if len(shape) == 4 and shape[1] not in (1, 3) and shape[-1] in (1, 3):
+        return "nhwc"
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return "nchw"
+    raise DataError(f"{path}: expected x of shape (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {{1, 3}}, "
+                    f"found {tuple(shape)}")
+
+
+def _npz_chw(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images in an x of ``shape``."""
+    layout = _npz_layout(shape, path)
+    if layout == "nhw":
+        return 1, shape[1], shape[2]
+    if layout == "nhwc":
+        return shape[3], shape[1], shape[2]
+    return shape[1], shape[2], shape[3]
+
 
 def _npz_images(x: np.ndarray, path: Path, pixel_scale: float | None) -> torch.Tensor:
     """x of shape (N, H, W), (N, C, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [0, 1].
 
     Values must already lie in [0, 1], or ``pixel_scale`` says what to divide them by (255
     for 8-bit images, 16 for scikit-learn's digits): nothing is scaled unless asked."""
-    if x.ndim == 3:
+    layout = _npz_layout(x.shape, path)
+    if layout == "nhw":
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+    elif layout == "nhwc":
         x = x.transpose(0, 3, 1, 2)
-    elif x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise DataError(f"{path}: expected x of shape (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {{1, 3}}, "
-                        f"found {x.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise DataError(f"{path}: expected x of an integer or float dtype, found {x.dtype}")
     xf = np.ascontiguousarray(x, dtype=np.float32)
@@ -294,16 +333,35 @@ def _npz_images(x: np.ndarray, path: Path, pixel_scale: float | None) -> torch.T
     return torch.from_numpy(xf)
 
 
-def _load_npz(root: Path, name: str, split: str, pixel_scale: float | None = None) -> ImageSet:
+def _npz_path(root: Path, split: str) -> Path:
     if root.is_dir():
         path = root / f"{split}.npz"
         if not path.is_file():
             raise DataError(f"npz: expected {path} (directory with train.npz/test.npz), not found")
-    elif split != "train":
+        return path
+    if split != "train":
         raise DataError(f"npz: a single file ({root}) is the train split; for split={split!r} pass a directory "
                         f"containing {split}.npz")
-    else:
-        path = root
+    return root
+
+
+def _peek_npz(root: Path, split: str) -> tuple[int, int, int]:
+    """``(C, H, W)`` of an npz split from the header of its ``x`` array alone (no pixel read)."""
+    path = _npz_path(root, split)
+    try:
+        with zipfile.ZipFile(path) as z, z.open("x.npy") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape = read(f)[0]
+    except KeyError:
+        raise DataError(f"{path}: expected arrays x and y, x is missing") from None
+    except Exception as e:  # BadZipFile, OSError, ValueError
+        raise DataError(f"{path}: cannot read npz (corrupt, truncated or pickled objects?): {e}") from e
+    return _npz_chw(tuple(shape), path)
+
+
+def _load_npz(root: Path, name: str, split: str, pixel_scale: float | None = None) -> ImageSet:
+    path = _npz_path(root, split)
     try:  # open the file ourselves: np.load leaks its handle when the zip is corrupt
         with open(path, "rb") as f:
             z = np.load(f, allow_pickle=False)
@@ -321,6 +379,16 @@ def _load_npz(root: Path, name: str, split: str, pixel_scale: float | None = Non
     return finish(_npz_images(x, path, pixel_scale), y, classes, f"{name}/{split}", path)
 
 
+
+
+def peek_shape(name: str, root: Path, split: str) -> tuple[int | None, int, int] | None:
+    """``(C, H, W)`` of a split's images known without reading its pixels (``C`` may be
+    ``None``: see :func:`_peek_folder`); ``None`` where the format cannot tell."""
+    if name == "npz":
+        return _peek_npz(root, split)
+    if name == "folder":
+        return _peek_folder(root, split)
+    return {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}.get(name)
 
 
 LOADERS: dict[str, Callable[[Path, str, str], ImageSet]] = {

@@ -98,10 +98,12 @@ def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.P
     check_inputs(oracle, student, None, images, budget)
     if data is not None and evaluate:  # what can be known of the test split without reading it
         data.check_readable()
-        known = data.image_shape()
-        if known is not None and known != tuple(oracle.input_shape):
-            raise ConfigError(f"{data.name} test images are {known}, the teacher takes {tuple(oracle.input_shape)}: "
-                              "pass --data (and --data-root) for the teacher's own test images, or --no-evaluate")
+        known, want = data.image_shape("test"), tuple(oracle.input_shape)
+        if known is not None and (known[1:] != want[1:] or known[0] not in (None, want[0])):
+            shown = "x".join("?" if v is None else str(v) for v in known)
+            raise ConfigError(f"{data.name} test images are {shown} (C x H x W), the teacher takes "
+                              f"{'x'.join(map(str, want))}: pass --data (and --data-root) for the teacher's own test "
+                              "images, or --no-evaluate")
     check_plan(f"extract {student} ({'real unlabelled pool' if pool else 'zero-shot'})", budget, query_budget,
                plan_only)
     work = Path(work_dir) if work_dir is not None else Path(f"{out}.work")
