@@ -19,6 +19,9 @@ Methods:
   round of smooth random images, the engine's own ``random``).
 * ``pool``: the budgeted student with the real unlabelled training images as its candidates
   (the DB3KD setting; labels are never read); ``pool-no-active``: chosen at random.
+* ``pool-other``: the same with another dataset's training images of the same shape as the
+  pool (MNIST digits for the Fashion-MNIST teacher and the other way round): what a user
+  with unlabelled images from another domain can expect.
 * ``all-labels`` (reference): the student trained on every training image labelled by the
   teacher (60,000 queries for the MNIST family); ``whitebox-kd``: on the teacher's logits.
 
@@ -51,6 +54,9 @@ DATASETS = {  # name -> (data settings, teacher arch, teacher epochs, student ar
                 "alexnet", 12, "alexnet-half"),
 }
 
+#: ``pool-other``: whose unlabelled training images make the pool for a dataset's teacher
+OTHER_POOL = {"fashion-mnist": "mnist", "mnist": "fashion-mnist"}
+
 
 #: one ingredient off each (keys of zsdb3kd.budget.BudgetSettings)
 ABLATIONS = {
@@ -81,7 +87,7 @@ def parse(method: str) -> tuple[str, dict]:
         if method.startswith(kind) and method[len(kind):] in ABLATIONS:
             extra = ABLATIONS[method[len(kind):]]
             return kind, extra if extra is not None else recipe("random", BudgetSettings()).model_dump()
-    if method in ("random", "paper", "all-labels", "whitebox-kd"):
+    if method in ("random", "paper", "all-labels", "whitebox-kd", "pool-other"):
         return method, {}
     raise SystemExit(f"unknown method {method!r}")
 
@@ -190,6 +196,9 @@ def main() -> None:
         pool = None
         for method in args.methods:
             kind, overrides = parse(method)
+            if kind == "pool-other" and name not in OTHER_POOL:
+                print(f"{name} {method}: no other dataset of its shape here, skipped", flush=True)
+                continue
             budgets = [None] if kind in ("all-labels", "whitebox-kd") else args.budgets
             for budget in budgets:
                 for seed in args.seeds:
@@ -208,6 +217,9 @@ def main() -> None:
                         if kind == "pool" and pool is None:
                             pool = data.load("train").x  # images only: their labels are never read
                         model = run_budgeted(oracle, student, budget, seed, overrides, pool if kind == "pool" else None)
+                    elif kind == "pool-other":
+                        other = DATASETS[OTHER_POOL[name]][0].load("train").x  # another domain, labels never read
+                        model = run_budgeted(oracle, student, budget, seed, {}, other)
                     if model is None:
                         print(f"{name} {method} {budget}: does not fit the budget, skipped", flush=True)
                         continue
