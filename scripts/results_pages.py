@@ -236,6 +236,24 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
+def levers_table(doc: dict, recipe: list[dict]) -> str:
+    """Each lever of benchmarks/levers.py beside the default recipe's run (budget.json,
+    ``budgeted``) on the same dataset, budget, seed and thread count: paired by seed."""
+    base = {(r["dataset"], r["budget"], r["seed"], r.get("threads", 1)): r["test_acc"] for r in recipe
+            if r["method"] == "budgeted"}
+    commands = dict.fromkeys(r["command"] for r in doc["records"])
+    lines = ["```bash", *commands, "```", "",
+             "| lever | data | queries | seed | test acc. (%) | fidelity (%) | recipe, same seed (%) | difference |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(doc["records"], key=lambda r: (r["method"], r["dataset"], r["budget"], r["seed"])):
+        b = base.get((r["dataset"], r["budget"], r["seed"], r.get("threads", 1)))
+        fid = "" if r.get("fidelity") is None else f"{r['fidelity']:.2f}"
+        diff = "" if b is None else f"{r['test_acc'] - b:+.2f}"
+        lines.append(f"| `{r['method']}` | {r['dataset']} | {r['budget']:,} | {r['seed']} | {r['test_acc']:.2f} | "
+                     f"{fid} | {'' if b is None else f'{b:.2f}'} | {diff} |")
+    return "\n".join(lines)
+
+
 def blocks() -> dict[Path, list[tuple[str, str]]]:
     """Every generated block: file -> [(block name, body)], from the JSON in docs/results/."""
     out: dict[Path, list[tuple[str, str]]] = defaultdict(list)
@@ -257,6 +275,10 @@ def blocks() -> dict[Path, list[tuple[str, str]]]:
         out[ROOT / "README.md"].append(("headline", headline(doc)))
         if any(r["method"] == "paper" for r in doc["records"]):
             out[RESULTS / "zero-shot-paper-chain.md"].append(("paper-chain", paper_chain_table(doc)))
+    if (RESULTS / "levers.json").exists() and (RESULTS / "budget.json").exists():
+        recipe = json.loads((RESULTS / "budget.json").read_text())["records"]
+        out[RESULTS / "levers.md"].append(("levers", levers_table(json.loads((RESULTS / "levers.json").read_text()),
+                                                                  recipe)))
     if (RESULTS / "scale.json").exists():
         out[RESULTS / "scale.md"].append(("scale", scale_table(json.loads((RESULTS / "scale.json").read_text()))))
     return out
