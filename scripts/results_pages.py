@@ -237,20 +237,25 @@ def replace_block(text: str, name: str, body: str) -> str:
 
 
 def levers_table(doc: dict, recipe: list[dict]) -> str:
-    """Each lever of benchmarks/levers.py beside the default recipe's run (budget.json,
-    ``budgeted``) on the same dataset, budget, seed and thread count: paired by seed."""
+    """Each lever of benchmarks/levers.py beside the recipe it was measured against (budget.json,
+    ``budgeted-no-mixup``) on the same dataset, budget, seed and thread count: paired by seed."""
     base = {(r["dataset"], r["budget"], r["seed"], r.get("threads", 1)): r["test_acc"] for r in recipe
-            if r["method"] == "budgeted"}
+            if r["method"] == "budgeted-no-mixup"}
     commands = dict.fromkeys(r["command"] for r in doc["records"])
     lines = ["```bash", *commands, "```", "",
              "| lever | data | queries | seed | test acc. (%) | fidelity (%) | recipe, same seed (%) | difference |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    paired: dict[tuple, list[float]] = defaultdict(list)
     for r in sorted(doc["records"], key=lambda r: (r["method"], r["dataset"], r["budget"], r["seed"])):
         b = base.get((r["dataset"], r["budget"], r["seed"], r.get("threads", 1)))
         fid = "" if r.get("fidelity") is None else f"{r['fidelity']:.2f}"
         diff = "" if b is None else f"{r['test_acc'] - b:+.2f}"
         lines.append(f"| `{r['method']}` | {r['dataset']} | {r['budget']:,} | {r['seed']} | {r['test_acc']:.2f} | "
                      f"{fid} | {'' if b is None else f'{b:.2f}'} | {diff} |")
+        if b is not None:
+            paired[(r["method"], r["dataset"], r["budget"])].append(r["test_acc"] - b)
+    lines += ["", "Mean difference from the recipe, paired by seed (points):", ""]
+    lines += [f"* `{m}`, {d} at {b:,} queries: {_cell(v)} over {len(v)} seed(s)" for (m, d, b), v in paired.items()]
     return "\n".join(lines)
 
 

@@ -201,6 +201,8 @@ OFF = {
     "entropy": dict(acquisition="entropy"),
     "no class balance": dict(class_balance=False, balanced_sampling=False),
     "no augmentation": dict(augment_labelled=0.0, label_smoothing=0.0),
+    "mixup on": dict(mixup=0.5),
+    "mixup off": dict(mixup=0.0),
     "single round": dict(rounds=0),
 }
 
@@ -221,11 +223,36 @@ def test_ingredients_change_what_is_asked():
         assert not torch.equal(base, train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST.replace(**OFF[name])).x), name
 
 
+def test_mixup_blends_images_and_labels_alike():
+    from zsdb3kd.budget.train import mix
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 8, 12, generator=g)
+    y = torch.randint(0, 5, (64,), generator=g)
+    same, t0 = mix(x, y, 0.0, 5, torch.Generator().manual_seed(1))
+    assert torch.equal(same, x) and torch.equal(t0, torch.nn.functional.one_hot(y, 5).float())
+    xm, t = mix(x, y, 1.0, 5, torch.Generator().manual_seed(1))
+    assert torch.allclose(t.sum(1), torch.ones(64))
+    own = t[torch.arange(64), y]
+    assert bool((own >= 0.5 - 1e-6).all()) and bool((own < 1).any())  # every image keeps at least half its weight
+    # each mixed image is own * x + (1 - own) * partner, and the partner's label carries 1 - own
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    lam = own.where(y != y[perm], torch.nan)
+    ok = ~lam.isnan()
+    assert torch.allclose(xm[ok], lam[ok, None, None, None] * x[ok] + (1 - lam[ok, None, None, None]) * x[perm][ok])
+
+
+def test_mixup_changes_the_student():
+    a = train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST.replace(mixup=0.0)).student
+    b = train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST.replace(mixup=0.5)).student
+    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_bad_settings_fail_with_the_key_named():
     BudgetSettings()
     for bad, key in [(dict(val_fraction=0.7), "val_fraction"), (dict(acquisition="oracle"), "acquisition"),
                      (dict(candidates={"x": 1.0}), "candidates"), (dict(init_fraction=1.0), "init_fraction"),
-                     (dict(epochs_per_round=0, final_epochs=0), "never train")]:
+                     (dict(epochs_per_round=0, final_epochs=0), "never train"), (dict(mixup=1.5), "mixup")]:
         with pytest.raises(ConfigError, match=key):
             BudgetSettings().replace(**bad)
     with pytest.raises(ValueError, match="at least 1"):

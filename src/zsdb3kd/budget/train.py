@@ -1,6 +1,7 @@
 """Training inside a budgeted run: the student, warm-started after every round, on all
-labelled images so far; batches class-balanced over the teacher's labels and a share of
-them shifted by a pixel (a label-preserving augmentation that costs no query).
+labelled images so far; batches class-balanced over the teacher's labels, a share of
+them shifted by a pixel (a label-preserving augmentation that costs no query) and a share
+mixed with another image of the batch, their labels mixed alike (mixup).
 
 Every random number comes from the generator passed in, so a round retrained in a fresh
 process after an interruption gives the same weights.
@@ -30,6 +31,20 @@ def shift(x: torch.Tensor, g: torch.Generator, pad: int = 1) -> torch.Tensor:
     return xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
+def mix(x: torch.Tensor, y: torch.Tensor, share: float, num_classes: int, g: torch.Generator
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup inside a batch: a random ``share`` of the images is blended with another image of
+    the batch, the image's own weight uniform in [0.5, 1]; the targets are blended alike
+    (one-hot teacher labels -> soft targets). Returns the images and ``(B, K)`` targets."""
+    t = F.one_hot(y, num_classes).float()
+    perm = torch.randperm(x.shape[0], generator=g)
+    lam = torch.rand(x.shape[0], generator=g)
+    use = (torch.rand(x.shape[0], generator=g) < share).float()
+    lam = 1 - use * (1 - torch.maximum(lam, 1 - lam))
+    x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[perm]
+    return x, lam[:, None] * t + (1 - lam[:, None]) * t[perm]
+
+
 def fit(student: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, s: BudgetSettings,
         g: torch.Generator, num_classes: int, device: torch.device, cosine: bool) -> dict:
     """Train ``student`` on ``(x, y)`` (on the CPU; batches move to ``device``) for ``epochs``
@@ -54,7 +69,13 @@ def fit(student: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, s: 
         if s.augment_labelled > 0:
             aug = torch.rand(xb.shape[0], generator=g) < s.augment_labelled
             xb = torch.where(aug[:, None, None, None], shift(xb, g), xb)
-        loss = F.cross_entropy(student(xb.to(device)), yb.to(device), label_smoothing=s.label_smoothing)
+        if s.mixup > 0:
+            xb, t = mix(xb, yb, s.mixup, num_classes, g)
+            if s.label_smoothing:
+                t = t * (1 - s.label_smoothing) + s.label_smoothing / num_classes
+            loss = -(t.to(device) * F.log_softmax(student(xb.to(device)), 1)).sum(1).mean()
+        else:
+            loss = F.cross_entropy(student(xb.to(device)), yb.to(device), label_smoothing=s.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -31,7 +31,7 @@ log = logging.getLogger("zsdb3kd")
 
 #: the ``random`` baseline: one round of smooth random images, every ingredient off (see :func:`recipe`)
 RANDOM = {"rounds": 0, "candidates": {"smooth": 1.0}, "deform_p": 0.0, "cutmix_p": 0.0, "class_balance": False,
-          "balanced_sampling": False, "augment_labelled": 0.0}
+          "balanced_sampling": False, "augment_labelled": 0.0, "mixup": 0.0}
 
 
 def recipe(kind: str, settings: BudgetSettings) -> BudgetSettings:
