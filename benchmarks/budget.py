@@ -58,27 +58,24 @@ DATASETS = {  # name -> (data settings, teacher arch, teacher epochs, student ar
 OTHER_POOL = {"fashion-mnist": "mnist", "mnist": "fashion-mnist"}
 
 
-#: one ingredient off each (keys of zsdb3kd.budget.BudgetSettings). The ablations and levers below
-#: ``-no-mixup`` were measured against the recipe before mixup joined it, so each also sets
-#: ``mixup = 0`` (their records reproduce; compare them with ``-no-mixup``)
-_OLD = {"mixup": 0.0}
+#: one ingredient off each (keys of zsdb3kd.budget.BudgetSettings)
 ABLATIONS = {
     "": {},
-    "-no-mixup": {"mixup": 0.0},
-    "-no-active": {"acquisition": "random", **_OLD},
-    "-no-mutate": {"mutate_fraction": 0.0, **_OLD},
-    "-blobs": {"candidates": {"smooth": 1.0}, "deform_p": 0.0, "cutmix_p": 0.0, **_OLD},
-    "-no-balance": {"class_balance": False, "balanced_sampling": False, **_OLD},
-    "-no-aug": {"augment_labelled": 0.0, **_OLD},
-    "-one-round": {"rounds": 0, **_OLD},
+    "-no-active": {"acquisition": "random"},
+    "-no-mutate": {"mutate_fraction": 0.0},
+    "-blobs": {"candidates": {"smooth": 1.0}, "deform_p": 0.0, "cutmix_p": 0.0},
+    "-no-balance": {"class_balance": False, "balanced_sampling": False},
+    "-no-aug": {"augment_labelled": 0.0},
+    "-one-round": {"rounds": 0},
     "-off": None,  # every ingredient off, same training steps: zsdb3kd.experiment.extract.recipe("random")
-    # levers (not ablations): one change each against the recipe before mixup
-    "-dip-mix": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "dip": 2.0}, **_OLD},
-    "-dip": {"candidates": {"dip": 1.0}, **_OLD},
-    "-pool32": {"pool_factor": 32.0, **_OLD},
-    "-rounds16": {"rounds": 16, **_OLD},
-    "-final120": {"final_epochs": 120.0, **_OLD},
-    "-entropy": {"acquisition": "entropy", **_OLD},
+    # levers (not ablations): one change each against the default recipe
+    "-mixup": {"mixup": 0.5},
+    "-dip-mix": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "dip": 2.0}},
+    "-dip": {"candidates": {"dip": 1.0}},
+    "-pool32": {"pool_factor": 32.0},
+    "-rounds16": {"rounds": 16},
+    "-final120": {"final_epochs": 120.0},
+    "-entropy": {"acquisition": "entropy"},
 }
 
 
@@ -91,7 +88,9 @@ def parse(method: str) -> tuple[str, dict]:
         if method.startswith(kind) and method[len(kind):] in ABLATIONS:
             extra = ABLATIONS[method[len(kind):]]
             return kind, extra if extra is not None else recipe("random", BudgetSettings()).model_dump()
-    if method in ("random", "paper", "all-labels", "whitebox-kd", "pool-other"):
+    if method.startswith("pool-other") and method[len("pool-other"):] in ABLATIONS:
+        return "pool-other", ABLATIONS[method[len("pool-other"):]] or {}
+    if method in ("random", "paper", "all-labels", "whitebox-kd"):
         return method, {}
     raise SystemExit(f"unknown method {method!r}")
 
@@ -223,7 +222,7 @@ def main() -> None:
                         model = run_budgeted(oracle, student, budget, seed, overrides, pool if kind == "pool" else None)
                     elif kind == "pool-other":
                         other = DATASETS[OTHER_POOL[name]][0].load("train").x  # another domain, labels never read
-                        model = run_budgeted(oracle, student, budget, seed, {}, other)
+                        model = run_budgeted(oracle, student, budget, seed, overrides, other)
                     if model is None:
                         print(f"{name} {method} {budget}: does not fit the budget, skipped", flush=True)
                         continue

@@ -1,5 +1,6 @@
 """Prototypes of levers for the zero-shot budgeted student, measured against its recipe (their
-findings: docs/budget.md, their table: docs/results/levers.md); one was adopted (mixup).
+findings: docs/budget.md, their table: docs/results/levers.md); none was adopted as a default
+(mixup became an option: level on average over budgets).
 
     OMP_NUM_THREADS=1 python benchmarks/levers.py --tag gen-confident --gen-fraction 0.5 --steps 300 --seeds 0
     OMP_NUM_THREADS=1 python benchmarks/levers.py --tag train-affine --gen-fraction 0 --train-aug affine --seeds 0 1
@@ -18,9 +19,9 @@ Levers:
   (``--train-aug affine --strength``), mixup between labelled images (``--mixup``: share of
   each batch), an exponential moving average of the weights over the final epochs (``--ema``).
 
-Each cell is one run of the budgeted student with the lever on (everything else the recipe
-as it was before mixup joined it, ``mixup = 0``: mixup is the lever ``train-mixup`` here, which
-was adopted), on the benchmark's LeNet-5 teacher, scored on the test split once at the end; the
+Each cell is one run of the budgeted student with the lever on (everything else the default
+recipe, ``mixup = 0``; ``train-mixup`` here is the package's ``mixup`` option), on the
+benchmark's LeNet-5 teacher, scored on the test split once at the end; the
 records go to ``--out`` (JSON) and ``python scripts/results_pages.py`` renders them beside the
 recipe's own records of docs/results/budget.json for the same seeds.
 """
@@ -112,7 +113,7 @@ def train_gen(student, shape, k, seed, r, steps, bs=128, lam_ms=0.0, target="con
     return G, g
 
 
-#: every lever is measured against the recipe before mixup joined it (budget.json's ``budgeted-no-mixup``)
+#: every lever is measured against the default recipe (budget.json's ``budgeted``), mixup off
 BASE = BudgetSettings(mixup=0.0)
 TRAIN = {"aug": "shift", "strength": 0.3, "mixup": 0.0, "ema": 0.0}
 

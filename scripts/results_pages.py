@@ -239,10 +239,10 @@ def replace_block(text: str, name: str, body: str) -> str:
 
 
 def levers_table(doc: dict, recipe: list[dict]) -> str:
-    """Each lever of benchmarks/levers.py beside the recipe it was measured against (budget.json,
-    ``budgeted-no-mixup``) on the same dataset, budget, seed and thread count: paired by seed."""
+    """Each lever of benchmarks/levers.py beside the default recipe's run (budget.json,
+    ``budgeted``) on the same dataset, budget, seed and thread count: paired by seed."""
     base = {(r["dataset"], r["budget"], r["seed"], r.get("threads", 1)): r["test_acc"] for r in recipe
-            if r["method"] == "budgeted-no-mixup"}
+            if r["method"] == "budgeted"}
     commands = dict.fromkeys(r["command"] for r in doc["records"])
     lines = ["```bash", *commands, "```", "",
              "| lever | data | queries | seed | test acc. (%) | fidelity (%) | recipe, same seed (%) | difference |",

@@ -13,9 +13,11 @@ variations of labelled     ``mutate_fraction = 0``
 active choice              ``acquisition = "random"``
 class balance              ``class_balance = false``, ``balanced_sampling = false``
 augmented labelled images  ``augment_labelled = 0``
-mixup of labelled images   ``mixup = 0``
 rounds                     ``rounds = 0`` (one non-active round: the ``random`` baseline)
 =========================  ==========================================================
+
+Off by default, on request: ``mixup`` (a share of each batch blended with another of its
+images, the labels blended alike), measured level on average over budgets (docs/budget.md).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class BudgetSettings(Settings):
     balanced_sampling: bool = Field(True, description="training batches drawn class-balanced over the "
                                                       "teacher's labels")
     augment_labelled: float = Field(0.5, ge=0, le=1, description="share of each batch shifted by one pixel")
-    mixup: float = Field(0.5, ge=0, le=1, description="share of each batch mixed with another of its images, "
+    mixup: float = Field(0.0, ge=0, le=1, description="share of each batch mixed with another of its images, "
                                                       "labels mixed alike")
 
     @field_validator("candidates")
