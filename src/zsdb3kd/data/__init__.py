@@ -52,12 +52,7 @@ class DataSettings(Settings):
         ``C`` is ``None`` when that image is grey: a colour image elsewhere would make the
         set colour). Missing or unreadable files raise :class:`DataError`."""
         if self.name in ("npz", "folder"):
-            if self.root is None:
-                raise DataError(f"dataset {self.name!r} has no default location; pass its path (--data-root)")
-            root = Path(self.root).expanduser()
-            if not root.exists():
-                raise DataError(f"{self.name}: data root {root} does not exist")
-            return peek_shape(self.name, root, split)
+            return peek_shape(self.name, _root(self.name, self.root), split)
         return peek_shape(self.name, Path("."), split)
 
     def check_readable(self) -> None:
@@ -87,6 +82,14 @@ def load_dataset(name: str, root: str | os.PathLike[str] | None = None, split: s
         raise DataError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
     if pixel_scale is not None and name != "npz":
         raise DataError(f"pixel_scale applies to npz data only; {name} files are read as 8-bit images")
+    path = _root(name, root)
+    if name == "npz":
+        return LOADERS[name](path, name, split, pixel_scale)
+    return LOADERS[name](path, name, split)
+
+
+def _root(name: str, root: str | os.PathLike[str] | None) -> Path:
+    """The existing data root of dataset ``name``: ``root``, or its default location."""
     if root is None:
         if name not in DEFAULT_ROOTS:
             raise DataError(f"dataset {name!r} has no default location; pass its path (--data-root)")
@@ -97,9 +100,7 @@ def load_dataset(name: str, root: str | os.PathLike[str] | None = None, split: s
     path = Path(root).expanduser()
     if not path.exists():
         raise DataError(f"{name}: data root {path} does not exist")
-    if name == "npz":
-        return LOADERS[name](path, name, split, pixel_scale)
-    return LOADERS[name](path, name, split)
+    return path
 
 
 def load_splits(name: str, root: str | None, val_size: int | float, seed: int) -> Splits:
