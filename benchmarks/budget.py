@@ -76,6 +76,8 @@ ABLATIONS = {
     "-rounds16": {"rounds": 16},
     "-final120": {"final_epochs": 120.0},
     "-entropy": {"acquisition": "entropy"},
+    "-fresh": {"final_fresh": True},
+    "-fresh120": {"final_fresh": True, "final_epochs": 120.0},
 }
 
 

@@ -203,6 +203,7 @@ OFF = {
     "no augmentation": dict(augment_labelled=0.0, label_smoothing=0.0),
     "mixup on": dict(mixup=0.5),
     "mixup off": dict(mixup=0.0),
+    "fresh final student": dict(final_fresh=True),
     "single round": dict(rounds=0),
 }
 
@@ -246,6 +247,25 @@ def test_mixup_changes_the_student():
     a = train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST.replace(mixup=0.0)).student
     b = train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST.replace(mixup=0.5)).student
     assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_final_fresh_trains_a_new_student_on_every_labelled_image():
+    """``final_fresh``: the last round's student starts from its own seed-derived weights, not the
+    warm-started ones, and is trained on exactly the labelled images that are not held out."""
+    from zsdb3kd.budget.train import fit
+    from zsdb3kd.store import derive_seed, generator
+
+    s = FAST.replace(final_fresh=True)
+    res = train_budgeted(oracle_for(SHAPE), "mlp", 120, s, seed=3)
+    warm = train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST, seed=3)
+    assert torch.equal(res.x, warm.x)  # the rounds before the last are the same
+    again = build_student("mlp", K, SHAPE, derive_seed(3, "budget", "final"))
+    last = len(res.log) - 1
+    fit(again, res.x[~res.is_val], res.y[~res.is_val], s.final_epochs, s, generator(3, "budget", last, "train"), K,
+        torch.device("cpu"), cosine=True)
+    for name, p in res.student.state_dict().items():
+        assert torch.equal(p, again.state_dict()[name]), name
+        assert not torch.equal(p, warm.student.state_dict()[name]), name
 
 
 def test_bad_settings_fail_with_the_key_named():

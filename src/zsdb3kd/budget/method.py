@@ -41,7 +41,7 @@ from torch import nn
 from ..models import create_model
 from ..parallel import is_main
 from ..settings import content_key
-from ..store import generator, read_tensors, write_json, write_tensors
+from ..store import derive_seed, generator, read_tensors, write_json, write_tensors
 from . import candidates as C
 from .ledger import QueryLedger, digest
 from .select import choose, predict, uncertainty
@@ -214,6 +214,9 @@ class _Run:
         t1 = time.perf_counter()
         xl, yl, vl = self.labelled()
         last = r == len(self.plan) - 1
+        if last and s.final_fresh and r > 0:
+            self.student = build_student(self.arch, self.k, self.shape, derive_seed(self.seed, "budget", "final"))
+            self.student.to(self.device)
         stats = fit(self.student, xl[~vl], yl[~vl], s.final_epochs if last else s.epochs_per_round, s,
                     generator(self.seed, "budget", r, "train"), self.k, self.device, cosine=last)
         entry = {"round": r, "queries": q, "total_queries": self.ledger.spent, "train": int((~vl).sum()),

@@ -17,7 +17,9 @@ rounds                     ``rounds = 0`` (one non-active round: the ``random`` 
 =========================  ==========================================================
 
 Off by default, on request: ``mixup`` (a share of each batch blended with another of its
-images, the labels blended alike), measured level on average over budgets (docs/budget.md).
+images, the labels blended alike), measured level on average over budgets, and
+``final_fresh`` (the last round trains a new student from scratch), measured worse
+(docs/budget.md).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class BudgetSettings(Settings):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
     epochs_per_round: float = Field(5.0, ge=0, description="passes over the labelled images after each round")
     final_epochs: float = Field(60.0, ge=0, description="passes after the last round (cosine learning rate)")
+    final_fresh: bool = Field(False, description="after the last round, train a freshly initialised student "
+                                                 "instead of the warm-started one")
     balanced_sampling: bool = Field(True, description="training batches drawn class-balanced over the "
                                                       "teacher's labels")
     augment_labelled: float = Field(0.5, ge=0, le=1, description="share of each batch shifted by one pixel")
