@@ -137,6 +137,17 @@ def scale_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def invariance_table(doc: dict) -> str:
+    """How often the teacher keeps its label under a small transform (benchmarks/invariance.py)."""
+    names = sorted((k for k in doc["records"][0] if isinstance(doc["records"][0][k], dict)), key=lambda k: (k == "hflip", k))
+    lines = [f"```bash\n{doc['command']}\n```", "",
+             "| teacher | images | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for r in doc["records"]:
+        lines.append(f"| {r['dataset']} | {r['images']} ({r['n']:,}) | "
+                     + " | ".join(f"{r[k]['all']:.1f} (worst class {r[k]['worst_class']:.0f})" for k in names) + " |")
+    return "\n".join(lines)
+
+
 def paper_chain_table(doc: dict) -> str:
     """The paper's zero-shot chain scaled to a budget, beside random images and the budgeted student
     at the same budgets (the ``paper`` records of budget.json)."""
@@ -286,6 +297,9 @@ def blocks() -> dict[Path, list[tuple[str, str]]]:
         recipe = json.loads((RESULTS / "budget.json").read_text())["records"]
         out[RESULTS / "levers.md"].append(("levers", levers_table(json.loads((RESULTS / "levers.json").read_text()),
                                                                   recipe)))
+    if (RESULTS / "invariance.json").exists():
+        out[ROOT / "docs" / "budget.md"].append(("invariance",
+                                                 invariance_table(json.loads((RESULTS / "invariance.json").read_text()))))
     if (RESULTS / "scale.json").exists():
         out[RESULTS / "scale.md"].append(("scale", scale_table(json.loads((RESULTS / "scale.json").read_text()))))
     return out
