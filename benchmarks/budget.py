@@ -78,6 +78,9 @@ ABLATIONS = {
     "-entropy": {"acquisition": "entropy"},
     "-fresh": {"final_fresh": True},
     "-fresh120": {"final_fresh": True, "final_epochs": 120.0},
+    "-wd": {"weight_decay": 5e-4},
+    "-ls": {"label_smoothing": 0.1},
+    "-confident": {"acquisition": "confident"},
 }
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from zsdb3kd.budget import BudgetSettings, build_student, plan_rounds, train_budgeted
 from zsdb3kd.budget import candidates as C
 from zsdb3kd.budget import method as M
-from zsdb3kd.budget.select import choose
+from zsdb3kd.budget.select import choose, uncertainty
 from zsdb3kd.settings import ConfigError
 from zsdb3kd.oracle import TorchOracle
 
@@ -322,6 +322,19 @@ def test_choose_is_class_balanced_and_distinct():
     assert idx.unique().numel() == 200 and torch.bincount(pred[idx], minlength=3).tolist() == [100, 50, 50]
     top = choose(score, pred, 10, 3, g, balance=False, explore=1.0)
     assert set(top.tolist()) == set(score.topk(10).indices.tolist())
+
+
+def test_acquisition_scores_rank_sure_and_unsure_predictions():
+    sure, torn, flat = [0.97, 0.01, 0.01, 0.01], [0.49, 0.49, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]
+    p = torch.tensor([sure, torn, flat])
+    for kind in ("margin", "entropy"):  # the unsure first: what the student cannot tell yet
+        s = uncertainty(p, kind)
+        assert s[0] < s[1] <= s[2], (kind, s)
+    c = uncertainty(p, "confident")  # the opposite: the student's prototypes of a class
+    assert c[0] > c[1] > c[2]
+    assert uncertainty(p, "random").eq(0).all()
+    with pytest.raises(ValueError, match="unknown acquisition"):
+        uncertainty(p, "loudest")
 
 
 def test_active_choice_learns_a_linear_teacher_better_than_chance():

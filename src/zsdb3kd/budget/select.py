@@ -4,7 +4,8 @@ All functions are vectorised over the candidates and draw randomness only from t
 generator they are given.
 
 * :func:`predict` -- softmax of a (white-box, free) student over a large batch.
-* :func:`uncertainty` -- ``margin`` (1 - (p1 - p2)), ``entropy``, or ``random`` (no preference).
+* :func:`uncertainty` -- ``margin`` (1 - (p1 - p2)), ``entropy``, ``random`` (no preference), or
+  ``confident`` (the opposite: the student's top probability, prototypes of each class).
 * :func:`choose` -- pick ``k`` candidates: per predicted class an equal quota (class
   balance), and within a class the most uncertain of a random subset (a soft top-k, so a
   tight cluster of near-duplicates is not all taken).
@@ -38,6 +39,8 @@ def uncertainty(p: torch.Tensor, kind: str) -> torch.Tensor:
         return -(p * p.clamp_min(1e-12).log()).sum(1)
     if kind == "random":
         return torch.zeros(p.shape[0])
+    if kind == "confident":
+        return p.max(1).values
     raise ValueError(f"unknown acquisition {kind!r}; known: {', '.join(ACQUISITIONS)}")
 
 

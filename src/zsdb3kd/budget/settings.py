@@ -31,7 +31,7 @@ from pydantic import Field, field_validator, model_validator
 from ..settings import Settings
 from .candidates import GENERATORS
 
-ACQUISITIONS = ("margin", "entropy", "random")
+ACQUISITIONS = ("margin", "entropy", "random", "confident")
 
 
 class BudgetSettings(Settings):
@@ -49,8 +49,9 @@ class BudgetSettings(Settings):
     mutate_fraction: float = Field(0.5, ge=0, le=1, description="zero-shot: share of later rounds' candidates that "
                                                                 "are variations of labelled images")
     pool_factor: float = Field(8.0, ge=1, description="free candidates scored per query")
-    acquisition: Literal["margin", "entropy", "random"] = Field(
-        "margin", description="how the student ranks candidates (random: no active choice)")
+    acquisition: Literal["margin", "entropy", "random", "confident"] = Field(
+        "margin", description="how the student ranks candidates (random: no active choice; confident: "
+                              "the student's most confident, the opposite of margin)")
     explore: float = Field(2.0, ge=1, description="rank only a random 1/explore of the candidates (diversity)")
     class_balance: bool = Field(True, description="equal queries per class the student predicts")
     batch_size: int = Field(128, ge=1, description="images per training step")
