@@ -139,7 +139,8 @@ def scale_table(doc: dict) -> str:
 
 def invariance_table(doc: dict) -> str:
     """How often the teacher keeps its label under a small transform (benchmarks/invariance.py)."""
-    names = sorted((k for k in doc["records"][0] if isinstance(doc["records"][0][k], dict)), key=lambda k: (k == "hflip", k))
+    first = doc["records"][0]
+    names = sorted((k for k in first if isinstance(first[k], dict)), key=lambda k: (k == "hflip", k))  # shifts first
     lines = [f"```bash\n{doc['command']}\n```", "",
              "| teacher | images | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
     for r in doc["records"]:

@@ -24,14 +24,15 @@ images, the labels blended alike), measured level on average over budgets, and
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
 from ..settings import Settings
 from .candidates import GENERATORS
 
-ACQUISITIONS = ("margin", "entropy", "random", "confident")
+Acquisition = Literal["margin", "entropy", "random", "confident"]
+ACQUISITIONS: tuple[str, ...] = get_args(Acquisition)
 
 
 class BudgetSettings(Settings):
@@ -49,7 +50,7 @@ class BudgetSettings(Settings):
     mutate_fraction: float = Field(0.5, ge=0, le=1, description="zero-shot: share of later rounds' candidates that "
                                                                 "are variations of labelled images")
     pool_factor: float = Field(8.0, ge=1, description="free candidates scored per query")
-    acquisition: Literal["margin", "entropy", "random", "confident"] = Field(
+    acquisition: Acquisition = Field(
         "margin", description="how the student ranks candidates (random: no active choice; confident: "
                               "the student's most confident, the opposite of margin)")
     explore: float = Field(2.0, ge=1, description="rank only a random 1/explore of the candidates (diversity)")
