@@ -81,6 +81,9 @@ ABLATIONS = {
     "-wd": {"weight_decay": 5e-4},
     "-ls": {"label_smoothing": 0.1},
     "-confident": {"acquisition": "confident"},
+    "-committee": {"acquisition": "committee"},
+    "-rare": {"rare_boost": 1.0},
+    "-curves": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "curves": 2.0}},
 }
 
 

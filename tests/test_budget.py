@@ -97,19 +97,21 @@ def test_an_oracle_with_less_budget_left_stops_the_run():
 
 # ----------------------------------------------------------------------------- resume
 
+@pytest.mark.parametrize("acquisition", ["margin", "committee"])  # committee also resumes the earlier snapshot
 @pytest.mark.parametrize("fail_at", [1, 2])
-def test_interrupted_between_calls_resumes_to_the_same_student_paying_nothing_twice(tmp_path, fail_at):
-    ref = train_budgeted(oracle_for(SHAPE), "mlp", BUDGET, FAST, work_dir=tmp_path / "ref")
+def test_interrupted_between_calls_resumes_to_the_same_student_paying_nothing_twice(tmp_path, fail_at, acquisition):
+    s = FAST.replace(acquisition=acquisition)
+    ref = train_budgeted(oracle_for(SHAPE), "mlp", BUDGET, s, work_dir=tmp_path / "ref")
     o1 = oracle_for(SHAPE, teacher=FailingTeacher(SHAPE, fail_at=fail_at))
     with pytest.raises(Interrupt):
-        train_budgeted(o1, "mlp", BUDGET, FAST, work_dir=tmp_path / "run")
+        train_budgeted(o1, "mlp", BUDGET, s, work_dir=tmp_path / "run")
     o2 = oracle_for(SHAPE)
-    res = train_budgeted(o2, "mlp", BUDGET, FAST, work_dir=tmp_path / "run")
+    res = train_budgeted(o2, "mlp", BUDGET, s, work_dir=tmp_path / "run")
     assert o1.queries + o2.queries == BUDGET == res.queries
     assert bits(res.student) == bits(ref.student)
     assert torch.equal(res.x, ref.x) and torch.equal(res.y, ref.y) and torch.equal(res.is_val, ref.is_val)
     o3 = oracle_for(SHAPE)  # a third run finds everything done: not one query
-    again = train_budgeted(o3, "mlp", BUDGET, FAST, work_dir=tmp_path / "run")
+    again = train_budgeted(o3, "mlp", BUDGET, s, work_dir=tmp_path / "run")
     assert o3.queries == 0 and bits(again.student) == bits(ref.student)
 
 
@@ -205,6 +207,8 @@ OFF = {
     "mixup off": dict(mixup=0.0),
     "fresh final student": dict(final_fresh=True),
     "single round": dict(rounds=0),
+    "rare classes boosted": dict(rare_boost=1.0),
+    "committee of snapshots": dict(acquisition="committee"),
 }
 
 
@@ -220,7 +224,8 @@ def test_each_ingredient_can_be_switched_off(name):
 def test_ingredients_change_what_is_asked():
     """Switching an ingredient off is not a no-op: the queried images differ."""
     base = train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST).x
-    for name in ("no mutation", "no active choice", "synthetic mix = old blobs"):
+    for name in ("no mutation", "no active choice", "synthetic mix = old blobs", "rare classes boosted",
+                 "committee of snapshots"):
         assert not torch.equal(base, train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST.replace(**OFF[name])).x), name
 
 
@@ -324,6 +329,28 @@ def test_choose_is_class_balanced_and_distinct():
     assert set(top.tolist()) == set(score.topk(10).indices.tolist())
 
 
+def test_choose_gives_each_class_its_weighted_quota():
+    """``class_weight`` (what ``rare_boost`` passes): quotas in proportion, filled where a class
+    has the candidates."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.arange(3).repeat_interleave(200)
+    idx = choose(torch.rand(600, generator=g), pred, 60, 3, g, class_weight=torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.bincount(pred[idx], minlength=3).tolist() == [10, 20, 30]
+
+
+def test_rare_boost_asks_more_about_the_classes_the_teacher_seldom_gives():
+    """A linear teacher that seldom gives class 3 and often class 1: weighting the quotas by
+    1 / labels so far buys more of class 3 and less of class 1 than equal quotas do."""
+    teacher = TinyTeacher(SHAPE)
+    with torch.no_grad():
+        teacher.b[3] -= 0.2
+    s = FAST.replace(rounds=4, epochs_per_round=3)
+    equal, boosted = (torch.bincount(train_budgeted(oracle_for(SHAPE, teacher=teacher), "mlp", 600,
+                                                    s.replace(rare_boost=b)).y, minlength=K) for b in (0.0, 1.0))
+    assert int(equal.argmax()) == 1 and int(equal.argmin()) == 3, equal
+    assert boosted[3] >= 1.3 * equal[3] and boosted[1] < equal[1], (equal, boosted)
+
+
 def test_acquisition_scores_rank_sure_and_unsure_predictions():
     sure, torn, flat = [0.97, 0.01, 0.01, 0.01], [0.49, 0.49, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]
     p = torch.tensor([sure, torn, flat])
@@ -333,6 +360,14 @@ def test_acquisition_scores_rank_sure_and_unsure_predictions():
     c = uncertainty(p, "confident")  # the opposite: the student's prototypes of a class
     assert c[0] > c[1] > c[2]
     assert uncertainty(p, "random").eq(0).all()
+    assert torch.equal(uncertainty(p, "committee"), uncertainty(p, "margin"))  # no earlier snapshot yet
+    # two snapshots both sure of class 0 score low; sure of different classes, high; a
+    # torn pair that agrees sits between (margin of the mean, plus the disagreement)
+    now = torch.tensor([sure, sure, torn])
+    earlier = torch.tensor([sure, [0.01, 0.97, 0.01, 0.01], torn])
+    k = uncertainty(now, "committee", earlier)
+    assert k[0] < k[2] < k[1], k
+    assert k[1] == pytest.approx(1 + 0.96) and k[0] == pytest.approx(1 - 0.96)
     with pytest.raises(ValueError, match="unknown acquisition"):
         uncertainty(p, "loudest")
 

@@ -117,6 +117,7 @@ class _Run:
         self.y: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.log: list[dict] = []
+        self.earlier: dict[str, torch.Tensor] | None = None  # committee: the student before the last training
         self.dir = None if work_dir is None else Path(work_dir)
         self.ledger = QueryLedger(oracle, self.budget, self.dir)
         if self.dir is not None:
@@ -142,6 +143,7 @@ class _Run:
         if done:
             t = read_tensors(self.dir / f"student-{done - 1}.safetensors")
             self.student.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("s.")})
+            self.earlier = {k[2:]: v for k, v in t.items() if k.startswith("p.")} or None
             if self.pool is not None:
                 self.used = t["used"].bool()
         for r in range(done):
@@ -156,6 +158,7 @@ class _Run:
             return
         write_tensors(self.dir / f"round-{r}.safetensors", {"x": self.x[r], "y": self.y[r], "v": self.v[r]})
         t = {f"s.{k}": v for k, v in self.student.state_dict().items()}
+        t.update({f"p.{k}": v for k, v in (self.earlier or {}).items()})
         if self.pool is not None:
             t["used"] = self.used.to(torch.uint8)
         write_tensors(self.dir / f"student-{r}.safetensors", t)
@@ -196,8 +199,14 @@ class _Run:
         if cand.shape[0] < q:
             raise RuntimeError(f"round {r}: only {cand.shape[0]:,} candidates for {q:,} queries")
         p = predict(self.student, cand.to(self.device)).cpu()
-        idx = choose(uncertainty(p, s.acquisition), p.argmax(1), q, self.k, generator(self.seed, "budget", r, "choose"),
-                     balance=s.class_balance, explore=s.explore)
+        earlier = None
+        if s.acquisition == "committee" and self.earlier is not None and r > 1:  # round 1's is untrained
+            snap = build_student(self.arch, self.k, self.shape, self.seed).to(self.device)
+            snap.load_state_dict(self.earlier)
+            earlier = predict(snap, cand.to(self.device)).cpu()
+        weight = (1.0 + torch.bincount(yl, minlength=self.k).float()) ** -s.rare_boost if s.rare_boost else None
+        idx = choose(uncertainty(p, s.acquisition, earlier), p.argmax(1), q, self.k, generator(self.seed, "budget", r, "choose"),
+                     balance=s.class_balance, explore=s.explore, class_weight=weight)
         return cand[idx], pidx[idx]
 
     def round(self, r: int) -> None:
@@ -217,6 +226,8 @@ class _Run:
         if last and s.final_fresh and r > 0:
             self.student = build_student(self.arch, self.k, self.shape, derive_seed(self.seed, "budget", "final"))
             self.student.to(self.device)
+        if s.acquisition == "committee":
+            self.earlier = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
         stats = fit(self.student, xl[~vl], yl[~vl], s.final_epochs if last else s.epochs_per_round, s,
                     generator(self.seed, "budget", r, "train"), self.k, self.device, cosine=last)
         entry = {"round": r, "queries": q, "total_queries": self.ledger.spent, "train": int((~vl).sum()),

@@ -4,8 +4,10 @@ All functions are vectorised over the candidates and draw randomness only from t
 generator they are given.
 
 * :func:`predict` -- softmax of a (white-box, free) student over a large batch.
-* :func:`uncertainty` -- ``margin`` (1 - (p1 - p2)), ``entropy``, ``random`` (no preference), or
-  ``confident`` (the opposite: the student's top probability, prototypes of each class).
+* :func:`uncertainty` -- ``margin`` (1 - (p1 - p2)), ``entropy``, ``random`` (no preference),
+  ``confident`` (the opposite: the student's top probability, prototypes of each class), or
+  ``committee`` (two snapshots of the student, now and one round earlier: the margin of
+  their mean plus how far apart they are, in total variation).
 * :func:`choose` -- pick ``k`` candidates: per predicted class an equal quota (class
   balance), and within a class the most uncertain of a random subset (a soft top-k, so a
   tight cluster of near-duplicates is not all taken).
@@ -30,8 +32,13 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 4096) -> torch.Tenso
     return out
 
 
-def uncertainty(p: torch.Tensor, kind: str) -> torch.Tensor:
-    """Higher = more worth querying."""
+def uncertainty(p: torch.Tensor, kind: str, earlier: torch.Tensor | None = None) -> torch.Tensor:
+    """Higher = more worth querying. ``earlier``: the same candidates under an earlier
+    snapshot of the student (``committee``; without it, ``committee`` is ``margin``)."""
+    if kind == "committee":
+        if earlier is None:
+            return uncertainty(p, "margin")
+        return uncertainty((p + earlier) / 2, "margin") + 0.5 * (p - earlier).abs().sum(1)
     if kind == "margin":
         top = p.topk(2, dim=1).values
         return 1 - (top[:, 0] - top[:, 1])

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator, model_validator
 from ..settings import Settings
 from .candidates import GENERATORS
 
-Acquisition = Literal["margin", "entropy", "random", "confident"]
+Acquisition = Literal["margin", "entropy", "random", "confident", "committee"]
 ACQUISITIONS: tuple[str, ...] = get_args(Acquisition)
 
 
@@ -52,9 +52,13 @@ class BudgetSettings(Settings):
     pool_factor: float = Field(8.0, ge=1, description="free candidates scored per query")
     acquisition: Acquisition = Field(
         "margin", description="how the student ranks candidates (random: no active choice; confident: "
-                              "the student's most confident, the opposite of margin)")
+                              "the student's most confident, the opposite of margin; committee: the student "
+                              "and its snapshot of one round earlier, where they disagree or are both unsure)")
     explore: float = Field(2.0, ge=1, description="rank only a random 1/explore of the candidates (diversity)")
     class_balance: bool = Field(True, description="equal queries per class the student predicts")
+    rare_boost: float = Field(0.0, ge=0, description="with class_balance: a class's share of the queries "
+                                                     "weighted by (1 + its teacher labels so far)^-rare_boost "
+                                                     "(0: equal shares)")
     batch_size: int = Field(128, ge=1, description="images per training step")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
