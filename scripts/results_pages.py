@@ -273,6 +273,28 @@ def levers_table(doc: dict, recipe: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(doc: dict, recipe: str = "budgeted") -> str:
+    """Every ``budgeted-<x>`` row of budget.json beside the recipe on the same dataset, budget
+    and seed: only pairs run on the same number of threads count (another thread count buys
+    other images), so a lever's gain is not confused with the spread between seeds."""
+    base = {(r["dataset"], r["budget"], r["seed"], r.get("threads", 1)): r["test_acc"] for r in doc["records"]
+            if r["method"] == recipe}
+    diffs: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for r in doc["records"]:
+        b = base.get((r["dataset"], r["budget"], r["seed"], r.get("threads", 1)))
+        if r["method"].startswith(recipe + "-") and b is not None:
+            diffs[(r["dataset"], r["budget"], r["method"])].append((r["test_acc"], b))
+    lines = [f"| data | queries | lever | seeds | lever (%) | `{recipe}`, same seeds (%) | difference (points) | "
+             "lever ahead |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for (d, b, m), v in sorted(diffs.items(), key=lambda kv: (kv[0][0], kv[0][1], _method_order(kv[0][2]), kv[0][2])):
+        lever, ref = [a for a, _ in v], [c for _, c in v]
+        gap = [a - c for a, c in v]
+        lines.append(f"| {d} | {b:,} | `{m}` | {len(v)} | {_cell(lever)} | {_cell(ref)} | "
+                     f"{statistics.mean(gap):+.2f}{f' ± {statistics.stdev(gap):.2f}' if len(gap) > 1 else ''} | "
+                     f"{sum(g > 0 for g in gap)} of {len(gap)} |")
+    return "\n".join(lines)
+
+
 def blocks() -> dict[Path, list[tuple[str, str]]]:
     """Every generated block: file -> [(block name, body)], from the JSON in docs/results/."""
     out: dict[Path, list[tuple[str, str]]] = defaultdict(list)
@@ -291,6 +313,7 @@ def blocks() -> dict[Path, list[tuple[str, str]]]:
         commands = dict.fromkeys(r.get("command", doc["command"]) for r in doc["records"])
         out[RESULTS / "budget.md"].append(("budget", "```bash\n" + "\n".join(commands) + "\n```\n\n"
                                            + budget_tables(doc)))
+        out[RESULTS / "budget.md"].append(("paired", paired_table(doc)))
         out[ROOT / "README.md"].append(("headline", headline(doc)))
         if any(r["method"] == "paper" for r in doc["records"]):
             out[RESULTS / "zero-shot-paper-chain.md"].append(("paper-chain", paper_chain_table(doc)))

@@ -56,3 +56,14 @@ def test_each_page_json_names_the_command_that_wrote_it():
     for path in RESULTS.glob("*.json"):
         doc = json.loads(path.read_text())
         assert doc.get("command"), path.name
+
+
+def test_levers_are_paired_with_the_recipe_seed_by_seed_on_the_same_thread_count():
+    rec = lambda m, seed, acc, threads=1: {"dataset": "d", "budget": 100, "method": m, "seed": seed,  # noqa: E731
+                                           "test_acc": acc, "threads": threads}
+    doc = {"records": [rec("budgeted", 0, 70.0), rec("budgeted", 1, 74.0), rec("budgeted", 2, 60.0, threads=2),
+                       rec("budgeted-x", 0, 71.0), rec("budgeted-x", 1, 73.0), rec("budgeted-x", 2, 90.0),
+                       rec("random", 0, 50.0)]}
+    rows = [line for line in _pages_module().paired_table(doc).splitlines() if line.startswith("| d ")]
+    # seed 2 ran on another thread count: not a pair; random is not a lever of the recipe
+    assert rows == ["| d | 100 | `budgeted-x` | 2 | 72.00 ± 1.41 | 72.00 ± 2.83 | +0.00 ± 1.41 | 1 of 2 |"]
