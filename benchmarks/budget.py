@@ -83,6 +83,8 @@ ABLATIONS = {
     "-confident": {"acquisition": "confident"},
     "-committee": {"acquisition": "committee"},
     "-rare": {"rare_boost": 1.0},
+    "-curves-mixup": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "curves": 2.0},
+                      "mixup": 0.5},
     "-curves": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "curves": 2.0}},
 }
 
