@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import logging
 import os
 import sys
 from typing import Sequence
@@ -23,6 +22,7 @@ from .distill import TrainSettings
 from .experiment.config import TeacherSection
 from .oracle import TeacherSpec
 from .robustness import RobustnessSettings
+from .runtime import setup_logging, sigterm_interrupts
 from .settings import Device, Settings
 from .synthesis import SynthesisSettings
 
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    _logging()
+    setup_logging()
     from .data import DataError
     from .experiment.jobs import PlanOnly
     from .oracle import OracleError, QueryBudgetExceeded
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .synthesis import SynthesisError
     from .weights import WeightsError
 
-    restore = _sigterm_interrupts() if args.command != "serve" else None  # serve stops on SIGTERM its own way
+    restore = sigterm_interrupts() if args.command != "serve" else None  # serve stops on SIGTERM its own way
     try:
         init_from_env(getattr(args, f"{Common.__name__}__device", "cpu"))
         with contextlib.nullcontext() if is_main() else contextlib.redirect_stdout(io.StringIO()):
@@ -227,40 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if restore is not None:
             restore()
-
-
-class _Stderr(logging.Handler):
-    """Log lines to whatever ``sys.stderr`` is when they are emitted."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr, flush=True)
-
-
-def _logging() -> None:
-    logger = logging.getLogger("zsdb3kd")
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        handler = _Stderr()
-        handler.setFormatter(logging.Formatter("[zsdb3kd] %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
-def _sigterm_interrupts():
-    """Make SIGTERM (``kill``, a job scheduler's stop) interrupt like Ctrl-C, so long jobs
-    save their finished work before exiting. Returns a function that undoes it (or None
-    outside the main thread, where signals cannot be handled)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _progress(args) -> bool | None:
