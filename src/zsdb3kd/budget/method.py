@@ -205,8 +205,9 @@ class _Run:
             snap.load_state_dict(self.earlier)
             earlier = predict(snap, cand.to(self.device)).cpu()
         weight = (1.0 + torch.bincount(yl, minlength=self.k).float()) ** -s.rare_boost if s.rare_boost else None
-        idx = choose(uncertainty(p, s.acquisition, earlier), p.argmax(1), q, self.k, generator(self.seed, "budget", r, "choose"),
-                     balance=s.class_balance, explore=s.explore, class_weight=weight)
+        idx = choose(uncertainty(p, s.acquisition, earlier), p.argmax(1), q, self.k,
+                     generator(self.seed, "budget", r, "choose"), balance=s.class_balance, explore=s.explore,
+                     class_weight=weight)
         return cand[idx], pidx[idx]
 
     def round(self, r: int) -> None:

@@ -18,7 +18,9 @@ rounds                     ``rounds = 0`` (one non-active round: the ``random`` 
 
 Off by default, on request: ``mixup`` (a share of each batch blended with another of its
 images, the labels blended alike), measured level on average over budgets, and
-``final_fresh`` (the last round trains a new student from scratch), measured worse
+``final_fresh`` (the last round trains a new student from scratch), measured worse;
+``acquisition = "committee"`` (the student and its snapshot of one round earlier) and
+``rare_boost`` (more queries for the classes the teacher has given least), measured level
 (docs/budget.md).
 """
 
