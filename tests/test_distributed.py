@@ -273,7 +273,7 @@ WORKER = '''
 import sys, torch
 from zsdb3kd.distill import TrainSettings, train
 from zsdb3kd.models import create_model
-from zsdb3kd.parallel import init_from_env, world
+from zsdb3kd.parallel import finish, init_from_env, world
 
 init_from_env("cpu")
 rank, _ = world()
@@ -284,6 +284,7 @@ res = train(model, x, y, xv, yv, TrainSettings(epochs=4, batch_size=50, lr=3e-3)
             checkpoint=sys.argv[2] + "/train.pt", checkpoint_every=0.0)
 torch.save({"state": model.state_dict(), "best_epoch": res.best_epoch, "history": res.history},
            f"{sys.argv[2]}/rank{rank}.pt")
+finish()  # leave the process group together: a rank exiting alone can abort its peer (SIGABRT)
 '''
 
 
