@@ -8,7 +8,9 @@ The connection limits are in :mod:`.protocol`, the endpoints in :mod:`.app`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -56,6 +58,39 @@ def _raise_fd_limit(needed: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard),
                                                     hard))
+
+
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class _Listener:
+    """The listening socket as one pass of asyncio's accept loop sees it: after an "out of
+    files" error, the rest of the pass reads as "no connection waiting"."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock, self._exhausted = sock, False
+
+    def accept(self):
+        if self._exhausted:
+            raise BlockingIOError
+        try:
+            return self._sock.accept()
+        except OSError as e:
+            self._exhausted = e.errno in _OUT_OF_RESOURCES
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class _EventLoop(asyncio.SelectorEventLoop):
+    """asyncio's selector loop, except that a process out of files retries accepting once a
+    second. CPython's accept loop goes on after that error: it logs it and schedules another
+    retry for every connection still queued, up to the listen backlog (2,048 tracebacks at a
+    time, a second later as many again: the server spins while clients wait)."""
+
+    def _accept_connection(self, protocol_factory, sock, *args):
+        super()._accept_connection(protocol_factory, _Listener(getattr(sock, "_sock", sock)), *args)
 
 
 class _CallHandler(logging.Handler):
@@ -160,7 +195,8 @@ class LabelServer:
         before = self.store.billed
         self._server = Server(config)
         try:
-            self._server.run(sockets=[self.sock])
+            with asyncio.Runner(loop_factory=_EventLoop) as runner:  # not uvicorn's loop: see _EventLoop
+                runner.run(self._server.serve(sockets=[self.sock]))
         finally:
             if self._handler is not None:
                 self._log.removeHandler(self._handler)
