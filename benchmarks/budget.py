@@ -26,11 +26,16 @@ Methods:
   teacher (60,000 queries for the MNIST family); ``whitebox-kd``: on the teacher's logits.
 
 Teachers are trained once per dataset (``--teacher-dir``), as ``zsdb3kd train-teacher`` does.
+Every record names its teacher (test accuracy and the SHA-256 of the weights file): cells
+measured with another teacher are not comparable, so a run whose teacher differs from the
+one ``--out`` already holds for that dataset stops before its first cell (write to another
+``--out``, or point ``--teacher-dir`` at the teacher of those records).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -119,6 +124,33 @@ def teacher_for(name: str, teacher_dir: Path) -> Path:
     return path
 
 
+def teacher_identity(path: Path, test_acc: float) -> dict:
+    """What a record says of its teacher: its test accuracy and the SHA-256 of its weights file."""
+    return {"teacher_acc": round(test_acc, 2), "teacher_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
+def other_teacher(doc: dict, dataset: str, ident: dict) -> dict | None:
+    """A record of ``doc`` for ``dataset`` measured with another teacher than ``ident`` (older
+    records without a digest are told apart by the teacher's test accuracy), else ``None``."""
+    for r in doc["records"]:
+        if r["dataset"] != dataset:
+            continue
+        sha = r.get("teacher_sha256")
+        if (sha is not None and sha != ident["teacher_sha256"]) or r.get("teacher_acc") != ident["teacher_acc"]:
+            return r
+    return None
+
+
+def refuse_other_teacher(doc: dict, dataset: str, ident: dict, out: Path) -> None:
+    """Stop, before any cell is trained, when ``out`` holds ``dataset`` records of another teacher."""
+    r = other_teacher(doc, dataset, ident)
+    if r is not None:
+        raise SystemExit(f"{out} holds {dataset} records measured with another teacher (test accuracy "
+                         f"{r.get('teacher_acc')}%, this one {ident['teacher_acc']}%): their numbers are not "
+                         "comparable with new cells. Write to another --out file, or use the teacher of those "
+                         "records (--teacher-dir).")
+
+
 def run_random(oracle, student: str, budget: int, seed: int):
     from zsdb3kd.synthesis import label_random_images
 
@@ -176,9 +208,11 @@ def run_reference(kind: str, data: DataSettings, teacher: Path, student: str, se
 
 def save_cell(out: Path, rec: dict, command: str) -> dict:
     """Add one cell to ``out`` under a file lock, re-reading it first: several invocations may
-    fill the same grid at once without losing each other's cells."""
+    fill the same grid at once without losing each other's cells. A cell of another teacher
+    than the file's records for its dataset is refused (``SystemExit``)."""
     with FileLock(f"{out}.lock"):
         doc = json.loads(out.read_text()) if out.exists() else {"command": "", "records": []}
+        refuse_other_teacher(doc, rec["dataset"], {k: rec.get(k) for k in ("teacher_acc", "teacher_sha256")}, out)
         key = (rec["dataset"], rec["method"], rec["budget"], rec["seed"])
         doc["records"] = [r for r in doc["records"] if (r["dataset"], r["method"], r["budget"], r["seed"]) != key]
         doc["records"].append(rec)
@@ -205,7 +239,8 @@ def main() -> None:
         teacher = teacher_for(name, Path(args.teacher_dir))
         test = data.load("test")
         t_pred = TorchOracle.from_file(teacher)(test.x)
-        t_acc = float((t_pred == test.y).float().mean() * 100)
+        ident = teacher_identity(teacher, float((t_pred == test.y).float().mean() * 100))
+        refuse_other_teacher(doc, name, ident, out)
         pool = None
         for method in args.methods:
             kind, overrides = parse(method)
@@ -241,7 +276,7 @@ def main() -> None:
                     rec = {"dataset": name, "method": method, "budget": budget, "seed": seed, "queries": spent,
                            "test_acc": round(accuracy(model, test.x, test.y), 2),
                            "fidelity": round(float((pred == t_pred).float().mean() * 100), 2),
-                           "teacher_acc": round(t_acc, 2), "wall_s": round(time.perf_counter() - t0, 1),
+                           **ident, "wall_s": round(time.perf_counter() - t0, 1),
                            "threads": torch.get_num_threads(), "command": doc["command"]}
                     assert budget is None or spent <= budget, rec
                     print(json.dumps(rec), flush=True)

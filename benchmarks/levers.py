@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from budget import DATASETS, save_cell, teacher_for  # noqa: E402
+from budget import DATASETS, refuse_other_teacher, save_cell, teacher_for, teacher_identity  # noqa: E402
 
 from zsdb3kd.budget import BudgetSettings  # noqa: E402
 from zsdb3kd.budget import method as M  # noqa: E402
@@ -210,6 +210,9 @@ def main() -> None:
     teacher = teacher_for(a.dataset, Path(a.teacher_dir))
     test = data.load("test")
     t_pred = TorchOracle.from_file(teacher)(test.x)
+    ident = teacher_identity(teacher, float((t_pred == test.y).float().mean() * 100))
+    if Path(a.out).exists():
+        refuse_other_teacher(json.loads(Path(a.out).read_text()), a.dataset, ident, Path(a.out))
     for seed in a.seeds:
         oracle = TorchOracle.from_file(teacher, budget=a.budget)
         t0 = time.perf_counter()
@@ -221,7 +224,8 @@ def main() -> None:
                "teacher_counts": torch.bincount(res.y, minlength=oracle.num_classes).tolist(),
                "generator": GenRun.opts if a.gen_fraction else None,
                "training": dict(TRAIN) if M.fit is fit_with_levers else None,
-               "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(), "command": command}
+               "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(), "command": command,
+               **ident}
         assert oracle.queries <= a.budget, rec
         print(json.dumps(rec), flush=True)
         save_cell(Path(a.out), rec, command)

@@ -250,18 +250,23 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
+def _pair_key(r: dict) -> tuple:
+    """Runs that may be compared seed by seed: same data, budget, seed, thread count and
+    teacher (its test accuracy; another teacher gives other labels, hence other students)."""
+    return r["dataset"], r["budget"], r["seed"], r.get("threads", 1), r.get("teacher_acc")
+
+
 def levers_table(doc: dict, recipe: list[dict]) -> str:
     """Each lever of benchmarks/levers.py beside the default recipe's run (budget.json,
-    ``budgeted``) on the same dataset, budget, seed and thread count: paired by seed."""
-    base = {(r["dataset"], r["budget"], r["seed"], r.get("threads", 1)): r["test_acc"] for r in recipe
-            if r["method"] == "budgeted"}
+    ``budgeted``) on the same dataset, budget, seed, thread count and teacher: paired by seed."""
+    base = {_pair_key(r): r["test_acc"] for r in recipe if r["method"] == "budgeted"}
     commands = dict.fromkeys(r["command"] for r in doc["records"])
     lines = ["```bash", *commands, "```", "",
              "| lever | data | queries | seed | test acc. (%) | fidelity (%) | recipe, same seed (%) | difference |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     paired: dict[tuple, list[float]] = defaultdict(list)
     for r in sorted(doc["records"], key=lambda r: (r["method"], r["dataset"], r["budget"], r["seed"])):
-        b = base.get((r["dataset"], r["budget"], r["seed"], r.get("threads", 1)))
+        b = base.get(_pair_key(r))
         fid = "" if r.get("fidelity") is None else f"{r['fidelity']:.2f}"
         diff = "" if b is None else f"{r['test_acc'] - b:+.2f}"
         lines.append(f"| `{r['method']}` | {r['dataset']} | {r['budget']:,} | {r['seed']} | {r['test_acc']:.2f} | "
@@ -275,13 +280,12 @@ def levers_table(doc: dict, recipe: list[dict]) -> str:
 
 def paired_table(doc: dict, recipe: str = "budgeted") -> str:
     """Every ``budgeted-<x>`` row of budget.json beside the recipe on the same dataset, budget
-    and seed: only pairs run on the same number of threads count (another thread count buys
-    other images), so a lever's gain is not confused with the spread between seeds."""
-    base = {(r["dataset"], r["budget"], r["seed"], r.get("threads", 1)): r["test_acc"] for r in doc["records"]
-            if r["method"] == recipe}
+    and seed: only pairs run on the same number of threads (another thread count buys other
+    images) and with the same teacher, so a lever's gain is not confused with the spread between seeds."""
+    base = {_pair_key(r): r["test_acc"] for r in doc["records"] if r["method"] == recipe}
     diffs: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for r in doc["records"]:
-        b = base.get((r["dataset"], r["budget"], r["seed"], r.get("threads", 1)))
+        b = base.get(_pair_key(r))
         if r["method"].startswith(recipe + "-") and b is not None:
             diffs[(r["dataset"], r["budget"], r["method"])].append((r["test_acc"], b))
     lines = [f"| data | queries | lever | seeds | lever (%) | `{recipe}`, same seeds (%) | difference (points) | "
