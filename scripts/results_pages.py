@@ -321,6 +321,11 @@ def blocks() -> dict[Path, list[tuple[str, str]]]:
         out[ROOT / "README.md"].append(("headline", headline(doc)))
         if any(r["method"] == "paper" for r in doc["records"]):
             out[RESULTS / "zero-shot-paper-chain.md"].append(("paper-chain", paper_chain_table(doc)))
+    for path in sorted(RESULTS.glob("budget-*.json")):  # the same grid measured with another teacher
+        doc = json.loads(path.read_text())
+        commands = dict.fromkeys(r.get("command", doc["command"]) for r in doc["records"])
+        out[RESULTS / "budget.md"].append((path.stem, "```bash\n" + "\n".join(commands) + "\n```\n\n"
+                                           + budget_tables(doc) + "\n" + paired_table(doc)))
     if (RESULTS / "levers.json").exists() and (RESULTS / "budget.json").exists():
         recipe = json.loads((RESULTS / "budget.json").read_text())["records"]
         out[RESULTS / "levers.md"].append(("levers", levers_table(json.loads((RESULTS / "levers.json").read_text()),
