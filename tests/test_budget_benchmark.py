@@ -53,7 +53,8 @@ def test_records_of_another_teacher_are_found_by_digest_or_by_accuracy(bench):
     doc = {"records": [_rec(teacher_acc=90.78), _rec(dataset="mnist", teacher_acc=99.22, sha="aa")]}
     same_old = {"teacher_acc": 90.78, "teacher_sha256": "bb"}  # an old record has no digest: accuracy decides
     assert bench.other_teacher(doc, "fashion-mnist", same_old) is None
-    assert bench.other_teacher(doc, "fashion-mnist", {"teacher_acc": 91.36, "teacher_sha256": "bb"}) is doc["records"][0]
+    retrained = {"teacher_acc": 91.36, "teacher_sha256": "bb"}
+    assert bench.other_teacher(doc, "fashion-mnist", retrained) is doc["records"][0]
     assert bench.other_teacher(doc, "mnist", {"teacher_acc": 99.22, "teacher_sha256": "aa"}) is None
     assert bench.other_teacher(doc, "mnist", {"teacher_acc": 99.22, "teacher_sha256": "cc"}) is doc["records"][1]
     assert bench.other_teacher(doc, "cifar10", {"teacher_acc": 73.0, "teacher_sha256": "dd"}) is None  # no records yet
