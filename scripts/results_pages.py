@@ -88,6 +88,12 @@ def budget_tables(doc: dict) -> str:
     return "\n".join(out)
 
 
+def grid_block(doc: dict) -> str:
+    """The commands that wrote a budget grid's records, then its tables."""
+    commands = dict.fromkeys(r.get("command", doc["command"]) for r in doc["records"])
+    return "```bash\n" + "\n".join(commands) + "\n```\n\n" + budget_tables(doc)
+
+
 def headline(doc: dict) -> str:
     """The README's table: the budgeted student and ``random`` at the budgets the field reports."""
     recs = doc["records"]
@@ -314,18 +320,14 @@ def blocks() -> dict[Path, list[tuple[str, str]]]:
         out[ROOT / "README.md"].append(("quickstart", quickstart_table(doc)))
     if (RESULTS / "budget.json").exists():
         doc = json.loads((RESULTS / "budget.json").read_text())
-        commands = dict.fromkeys(r.get("command", doc["command"]) for r in doc["records"])
-        out[RESULTS / "budget.md"].append(("budget", "```bash\n" + "\n".join(commands) + "\n```\n\n"
-                                           + budget_tables(doc)))
+        out[RESULTS / "budget.md"].append(("budget", grid_block(doc)))
         out[RESULTS / "budget.md"].append(("paired", paired_table(doc)))
         out[ROOT / "README.md"].append(("headline", headline(doc)))
         if any(r["method"] == "paper" for r in doc["records"]):
             out[RESULTS / "zero-shot-paper-chain.md"].append(("paper-chain", paper_chain_table(doc)))
     for path in sorted(RESULTS.glob("budget-*.json")):  # the same grid measured with another teacher
         doc = json.loads(path.read_text())
-        commands = dict.fromkeys(r.get("command", doc["command"]) for r in doc["records"])
-        out[RESULTS / "budget.md"].append((path.stem, "```bash\n" + "\n".join(commands) + "\n```\n\n"
-                                           + budget_tables(doc) + "\n" + paired_table(doc)))
+        out[RESULTS / "budget.md"].append((path.stem, grid_block(doc) + "\n" + paired_table(doc)))
     if (RESULTS / "levers.json").exists() and (RESULTS / "budget.json").exists():
         recipe = json.loads((RESULTS / "budget.json").read_text())["records"]
         out[RESULTS / "levers.md"].append(("levers", levers_table(json.loads((RESULTS / "levers.json").read_text()),
