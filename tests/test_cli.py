@@ -513,12 +513,14 @@ def test_sigterm_during_training_saves_and_the_rerun_resumes(data_dir, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_serve_command_end_to_end(teacher, data_dir, stop):
+@pytest.mark.parametrize("stop, log", [(signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_serve_command_end_to_end(teacher, data_dir, stop, log):
     """``zsdb3kd serve`` as a script starts it (with ``&``, so SIGINT arrives ignored): it prints its
-    URL once listening, answers, and stops on SIGINT or SIGTERM; the test waits on the process."""
+    URL once listening, answers, and stops on SIGINT or SIGTERM; the test waits on the process.
+    Each request is logged to stderr with ``--log`` only."""
     pytest.importorskip("uvicorn")
-    proc = subprocess.Popen([sys.executable, "-m", "zsdb3kd", "serve", str(teacher[1]), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "zsdb3kd", "serve", str(teacher[1]), "--port", "0",
+                             *(["--log"] if log else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
@@ -530,6 +532,8 @@ def test_serve_command_end_to_end(teacher, data_dir, stop):
         proc.send_signal(stop)
         assert proc.wait(timeout=60) == 0
         assert f"served {N_TEST:,} queries" in proc.stdout.read()
+        logged = proc.stderr.read().count("POST /predict")
+        assert logged >= 1 if log else logged == 0, logged
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -191,6 +191,8 @@ class LabelServer:
         if self._handler is not None:
             self._log.addHandler(self._handler)
             self._log.setLevel(logging.INFO)
+        # request lines go where --log / log= say, never on to the CLI's 'zsdb3kd' handler
+        propagate, self._log.propagate = self._log.propagate, False
         logging.getLogger("uvicorn.error").setLevel(logging.INFO if s.log else logging.ERROR)
         before = self.store.billed
         self._server = Server(config)
@@ -198,6 +200,7 @@ class LabelServer:
             with asyncio.Runner(loop_factory=_EventLoop) as runner:  # not uvicorn's loop: see _EventLoop
                 runner.run(self._server.serve(sockets=[self.sock]))
         finally:
+            self._log.propagate = propagate
             if self._handler is not None:
                 self._log.removeHandler(self._handler)
             self.service.model_thread.shutdown(wait=True)
