@@ -102,6 +102,22 @@ def test_subspace_probes_are_low_frequency_unit_vectors():
         HopSkipJump(subspace=0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_search_noise_is_drawn_on_the_search_device_and_follows_the_seed(device):
+    """Probes are drawn where the search runs (host draws copied to a GPU cost more than the search
+    step: measured in docs/scale-out.md), deterministically; on the CPU the stream is unchanged."""
+    from zsdb3kd.robustness.search import randn_on
+
+    def draw(seed: int) -> torch.Tensor:
+        return randn_on((4, 5), torch.Generator().manual_seed(seed), device)
+
+    a = draw(1)
+    assert a.device.type == device and torch.equal(a, draw(1)) and not torch.equal(a, draw(2))
+    if device == "cpu":  # the generator's own stream: distances recorded before stay reproducible
+        assert torch.equal(a, torch.randn(4, 5, generator=torch.Generator().manual_seed(1)))
+
+
 @pytest.mark.parametrize("noise", [0.0, 0.5, 2.0])
 def test_circle_update_lands_on_the_closest_point_of_its_plane(noise):
     # one flat boundary {a.x = c}: on the half circle with diameter x0 -> x_b, in the

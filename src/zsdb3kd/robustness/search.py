@@ -66,6 +66,18 @@ class CandidatePool:
 
 
 
+def randn_on(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """Standard normal draws of ``shape`` on ``device`` from the stream of ``generator`` (a CPU
+    generator). On the CPU they come from it directly; on another device from a generator there,
+    seeded by one draw of it: sampling on the host and copying to a GPU would cost more than the
+    search step that uses them. Deterministic under the seed on each device."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.randn(*shape, generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.randn(*shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+
 def unit(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = v.norm(dim=-1, keepdim=True)
     return v / n.clamp_min(1e-12), n.squeeze(-1)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..search import Estimator, SearchResult, unit
+from ..search import Estimator, SearchResult, randn_on, unit
 from .registry import ESTIMATORS
 
 
@@ -68,7 +68,7 @@ class BoundaryDistance(Estimator):
                 for j in torch.unique(jj).tolist():
                     rows = torch.nonzero(jj == j).squeeze(1)
                     g = torch.Generator(device="cpu").manual_seed(seeds[j])
-                    full = torch.randn(P, D, generator=g).to(dev)
+                    full = randn_on((P, D), g, dev)
                     out[rows] = full[ids[rows]]
                 theta, _ = unit(out)
                 return theta, torch.full((ids.numel(),), max_len, device=dev)

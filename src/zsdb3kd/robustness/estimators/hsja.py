@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..search import MAX_ELEMS, Estimator, SearchResult, unit
+from ..search import MAX_ELEMS, Estimator, SearchResult, randn_on, unit
 from .registry import ESTIMATORS
 from .bd import BoundaryDistance
 
@@ -154,17 +154,18 @@ class HopSkipJump(Estimator):
             best_d[r[better]] = pd[better]
         return best, best_d
 
-    def _probes(self, n: int, k: int, low: torch.Tensor, shape: tuple[int, ...], generator) -> torch.Tensor:
-        """``(n, k, D)`` unit probe directions; rows where ``low`` is set come from the subspace."""
+    def _probes(self, n: int, k: int, low: torch.Tensor, shape: tuple[int, ...], generator,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+        """``(n, k, D)`` unit probe directions on ``device``; rows where ``low`` is set come from the subspace."""
         C, H, W = shape
-        low = low.cpu()
-        u = torch.empty(n, k, C * H * W)
+        low = low.to(device)
+        u = torch.empty(n, k, C * H * W, device=device)
         if bool((~low).any()):
-            u[~low] = torch.randn(int((~low).sum()), k, C * H * W, generator=generator)
+            u[~low] = randn_on((int((~low).sum()), k, C * H * W), generator, device)
         if bool(low.any()):
             m = int(low.sum())
             h, w = max(1, -(-H // self.subspace)), max(1, -(-W // self.subspace))
-            z = torch.randn(m * k, C, h, w, generator=generator)
+            z = randn_on((m * k, C, h, w), generator, device)
             z = torch.nn.functional.interpolate(z, size=(H, W), mode="bilinear", align_corners=False)
             u[low] = z.reshape(m, k, -1)
         return u / u.norm(dim=2, keepdim=True).clamp_min(1e-12)
@@ -207,7 +208,7 @@ class HopSkipJump(Estimator):
     def _draw(self, tr, ids, k: int, low: torch.Tensor, generator) -> torch.Tensor:
         """``(len(ids), k, D)`` probe directions for problems ``ids`` (a hook: subclasses may
         draw them otherwise, e.g. from a prior)."""
-        return self._probes(len(ids), k, low, tuple(tr.x0.shape[1:]), generator)
+        return self._probes(len(ids), k, low, tuple(tr.x0.shape[1:]), generator, tr.device)
 
     def _combine(self, tr, ids, m: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """The normal estimate (any scale) from ``m``, the centred sum of the sign-weighted

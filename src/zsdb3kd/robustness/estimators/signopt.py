@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..search import MAX_ELEMS, Estimator, SearchResult, local_search, unit
+from ..search import MAX_ELEMS, Estimator, SearchResult, local_search, randn_on, unit
 from .registry import ESTIMATORS
 from .bd import BoundaryDistance
 
@@ -83,7 +83,7 @@ class SignOPT(Estimator):
         chunk = max(1, min(self.k, MAX_ELEMS // max(1, n * D)))
         for s in range(0, self.k, chunk):
             kc = min(chunk, self.k - s)
-            u = torch.randn(n, kc, D, generator=generator).to(theta.device)
+            u = randn_on((n, kc, D), generator, theta.device)
             u = u / u.norm(dim=2, keepdim=True) * beta[:, None, None]
             probe, _ = unit(theta[:, None, :] + u)
             x = tr.flat0[ids][:, None, :] + g[:, None, None] * probe
