@@ -252,6 +252,16 @@ def test_teacher_returning_wrong_shape_is_an_error():
         o(_x(3))
 
 
+def test_a_label_outside_the_classes_is_an_error():
+    """A callable's labels are range-checked; a torch model's argmax is in range once its score
+    width is num_classes, which is checked instead (for free: no wait for the device)."""
+    with pytest.raises(RuntimeError, match=r"label outside \[0, 3\)"):
+        FunctionOracle(lambda x: torch.full((x.shape[0],), K), SHAPE, K)(_x(3))
+    wide = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(SHAPE), K + 2))
+    with pytest.raises(RuntimeError, match=r"scores of shape \(3, 5\), expected \(3, 3\)"):
+        TorchOracle(wide, SHAPE, K)(_x(3))
+
+
 # ---------------------------------------------------------------------------------------
 # FunctionOracle
 # ---------------------------------------------------------------------------------------

@@ -16,12 +16,18 @@ class TorchOracle(LabelOracle):
     The model is kept private and put in eval mode; only ``argmax`` of its logits leaves.
     """
 
+    _labels_in_range = True  # the argmax of exactly num_classes scores (checked in _predict)
+
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int, **kwargs) -> None:
         super().__init__(input_shape, num_classes, **kwargs)
         self.__model = model.to(self.device).eval()
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.__model(x.to(self.device, torch.float32)).argmax(dim=1)
+        scores = self.__model(x.to(self.device, torch.float32))
+        if scores.dim() != 2 or scores.shape[1] != self.num_classes:
+            raise RuntimeError(f"teacher returned scores of shape {tuple(scores.shape)}, expected "
+                               f"({x.shape[0]}, {self.num_classes})")
+        return scores.argmax(dim=1)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, device: str = "cpu", arch: str | None = None,

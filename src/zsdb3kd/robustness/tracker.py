@@ -119,16 +119,18 @@ class PairTracker:
         return torch.where(tgt == UNTARGETED, labels != self.source[idx], labels == tgt)
 
     @torch.no_grad()
-    def query(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def query(self, idx: torch.Tensor, x: torch.Tensor, distinct: bool = False) -> torch.Tensor:
         """Ask whether the points ``x`` (``(M, C, H, W)``, clipped here) meet their problems' criteria.
 
         ``idx`` (``(M,)``) names the problem of each row; a problem may appear several times
-        (its rows are counted in order). Returns a bool tensor ``(M,)``.
+        (its rows are counted in order) unless ``distinct`` says it does not (a caller that
+        knows saves the ordering work). Returns a bool tensor ``(M,)``.
         """
         M = idx.numel()
         if M == 0:
             return torch.zeros(0, dtype=torch.bool, device=self.device)
-        counts = torch.bincount(idx, minlength=self.num_problems)
+        # (bincount would wait for the device to size its output)
+        counts = torch.zeros_like(self.queries).index_add_(0, idx, torch.ones_like(idx))
         if bool((self.queries + counts > self.limit).any()):
             bad = int(torch.nonzero(self.queries + counts > self.limit)[0])
             raise RuntimeError(
@@ -138,12 +140,14 @@ class PairTracker:
         labels = self.oracle(x)
         adv = self.is_adversarial(labels, idx)
         # ordinal (1-based) of each row among its problem's queries, rows counted in order
-        order = torch.argsort(idx, stable=True)
-        sorted_idx = idx[order]
-        first = torch.searchsorted(sorted_idx, sorted_idx, right=False)
-        rank = torch.empty_like(idx)
-        rank[order] = torch.arange(M, device=self.device) - first
-        ordinal = self.queries[idx] + rank + 1
+        ordinal = self.queries[idx] + 1
+        if not distinct:
+            order = torch.argsort(idx, stable=True)
+            sorted_idx = idx[order]
+            first = torch.searchsorted(sorted_idx, sorted_idx, right=False)
+            rank = torch.empty_like(idx)
+            rank[order] = torch.arange(M, device=self.device) - first
+            ordinal += rank
         dist = (x.reshape(M, -1) - self.flat0[idx]).norm(dim=1)
         ok = adv[:, None] & (ordinal[:, None] <= self.checkpoints[None, :])
         vals = torch.where(ok, dist[:, None], torch.full_like(dist[:, None], float("inf")))

@@ -86,45 +86,47 @@ class BoundaryDistance(Estimator):
         theta = torch.zeros(P, D, device=dev)
         length = torch.zeros(P, device=dev)
         reload = torch.ones(P, dtype=torch.bool, device=dev)
+        # One step = one query per live problem. The state is updated with whole-(P,) masks, not
+        # index lists, so a step waits for the device only where it must: which problems reload
+        # a direction, which skip one, which ask (each a data-dependent size).
         for _ in range(self.n * 80 + 10):  # hard cap; the budget normally ends it first
             live = (j < self.n) & (tr.remaining() > 0)
-            reload &= live
-            if bool(reload.any()):
-                ids = torch.nonzero(reload).squeeze(1)
+            ids = torch.nonzero(reload & live).squeeze(1)
+            reload[:] = False
+            if ids.numel():
                 theta[ids], length[ids] = load(ids, j[ids])
-                reload[:] = False
-            # directions with no usable end point are skipped without a query
-            skip = live & ~bisecting & ~torch.isfinite(length)
-            if bool(skip.any()):
-                j[skip] += 1
-                reload |= skip
-                continue
-            if not bool(live.any()):
-                break
+                # directions with no usable end point are skipped without a query (only a direction
+                # just loaded can be one: the others passed this test when they were loaded)
+                skip = live & ~bisecting & ~torch.isfinite(length)
+                if bool(skip.any()):
+                    j += skip
+                    reload |= skip
+                    continue
             ids = torch.nonzero(live).squeeze(1)
-            checking = ~bisecting[ids]
-            lam = torch.where(checking, torch.minimum(best_lam[ids], length[ids]), (lo[ids] + hi[ids]) / 2)
-            adv = tr.query(ids, tr.x0[ids] + (lam[:, None] * theta[ids]).view_as(tr.x0[ids]))
+            if not ids.numel():
+                break
+            checking = live & ~bisecting
+            lam = torch.where(checking, torch.minimum(best_lam, length), (lo + hi) / 2)
+            adv = torch.zeros_like(live)
+            adv[ids] = tr.query(ids, tr.x0[ids] + (lam[ids, None] * theta[ids]).view_as(tr.x0[ids]), distinct=True)
             # check step: adversarial -> start bisecting [0, lam]; else next direction
             start = checking & adv
             nxt = checking & ~adv
-            lo[ids[start]] = 0.0
-            hi[ids[start]] = lam[start]
-            bisecting[ids[start]] = True
+            lo = torch.where(start, 0.0, lo)
+            hi = torch.where(start, lam, hi)
+            bisecting |= start
             # bisection step
-            bis = ~checking
-            hi[ids[bis & adv]] = lam[bis & adv]
-            lo[ids[bis & ~adv]] = lam[bis & ~adv]
-            fin_rows = ids[bisecting[ids] & ((hi[ids] - lo[ids]) <= self.tol)]
-            if fin_rows.numel():
-                better = hi[fin_rows] < best_lam[fin_rows]
-                upd = fin_rows[better & bisecting[fin_rows]]
-                best_lam[upd] = hi[upd]
-                best_theta[upd] = theta[upd]
-                bisecting[fin_rows] = False
-            done_dir = torch.cat([ids[nxt], fin_rows])
-            j[done_dir] += 1
-            reload[done_dir] = True
+            bis = live & ~checking
+            hi = torch.where(bis & adv, lam, hi)
+            lo = torch.where(bis & ~adv, lam, lo)
+            fin = live & bisecting & ((hi - lo) <= self.tol)
+            better = fin & (hi < best_lam)
+            best_lam = torch.where(better, hi, best_lam)
+            best_theta = torch.where(better[:, None], theta, best_theta)
+            bisecting &= ~fin
+            done_dir = nxt | fin
+            j += done_dir
+            reload |= done_dir
         # a bisection cut short by the budget still holds a verified adversarial hi
         cut = bisecting & (hi < best_lam)
         best_lam[cut] = hi[cut]
