@@ -252,6 +252,19 @@ def test_teacher_returning_wrong_shape_is_an_error():
         o(_x(3))
 
 
+def test_default_teacher_calls_are_small_on_the_cpu_and_large_on_a_gpu(tmp_path):
+    """256 images per call on the CPU (cache-sized), 16,384 for a local teacher on a GPU;
+    an explicit max_batch always wins."""
+    from zsdb3kd.models import create_model
+    from zsdb3kd.oracle.load import GPU_MAX_BATCH, default_max_batch
+    from zsdb3kd.weights import save_weights
+
+    assert default_max_batch("cpu") == 256 and default_max_batch("cuda:1") == GPU_MAX_BATCH == 16_384
+    path = save_weights(create_model("mlp", num_classes=K, input_shape=SHAPE), tmp_path / "t.safetensors",
+                        arch="mlp", input_shape=SHAPE, num_classes=K)
+    assert load_oracle(path).max_batch == 256 and load_oracle(path, max_batch=8).max_batch == 8
+
+
 def test_a_label_outside_the_classes_is_an_error():
     """A callable's labels are range-checked; a torch model's argmax is in range once its score
     width is num_classes, which is checked instead (for free: no wait for the device)."""

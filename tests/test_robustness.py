@@ -589,6 +589,20 @@ def test_default_chunks_hold_about_a_minute_of_queries(method, per_pair, K):
     assert RobustnessSettings(method=method, chunk_size=5).resolve(K).chunk_size == 5
 
 
+@pytest.mark.parametrize("per_pair, chunk", [(2000, 2222), (500, 4096), (10**6, 8)])
+def test_default_chunks_on_a_gpu_hold_about_twenty_seconds_of_queries(per_pair, chunk):
+    """A GPU answers far faster and pays the search's host work per step, so its default chunk
+    holds 100x more queries (capped at 4,096 samples): about 20 s of a LeNet-5 on an H200.
+    Resolving only reads the device's type: no GPU is needed here."""
+    from zsdb3kd.robustness.engine import GPU_CHUNK_QUERIES
+
+    s = RobustnessSettings(method="mbd", queries_per_pair=per_pair).resolve(10, "cuda")
+    assert s.chunk_size == chunk
+    assert s.chunk_size * (1 + 9 * per_pair) <= max(GPU_CHUNK_QUERIES, 8 * (1 + 9 * per_pair))
+    assert RobustnessSettings(method="mbd", queries_per_pair=per_pair).resolve(10, "cpu").chunk_size < chunk or \
+        chunk == 8
+
+
 def test_an_estimator_object_or_a_new_registered_one_is_used_as_given(linear_teacher, linear_data):
     """The seam benchmarks use: compute_robustness takes an estimator object, and an estimator
     registered under a new name is usable by name everywhere (settings, specs, options)."""
