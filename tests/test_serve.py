@@ -82,6 +82,16 @@ def _raw(srv, method, path, body=None, headers=None):
 # ---------------------------------------------------------------------------------------
 
 
+def test_the_client_body_is_the_json_of_encode_images_byte_for_byte():
+    """The client builds the body without JSON-encoding its base64 text; the bytes (and so the
+    request ids that make retries free) are those of json.dumps(encode_images(x))."""
+    from zsdb3kd.oracle.protocol import encode_body
+
+    odd = torch.rand(2, 3, 5, 4, dtype=torch.float64).transpose(2, 3)  # float64, not contiguous
+    for x in (torch.rand(3, 1, 4, 4), odd, torch.zeros(0, 1, 2, 2)):
+        assert encode_body(x) == json.dumps(encode_images(x)).encode()
+
+
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_labels_equal_the_in_process_teacher_and_both_ends_count_the_same(served, concurrency):
     srv, model = served(max_batch=16)

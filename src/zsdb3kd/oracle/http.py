@@ -24,7 +24,7 @@ from pydantic import Field, ValidationError
 
 from ..settings import Settings, validate
 from .base import Bounds, LabelOracle, OracleError
-from .protocol import IDEMPOTENCY_HEADER, PROTOCOL, encode_images
+from .protocol import IDEMPOTENCY_HEADER, PROTOCOL, encode_body
 
 
 class HttpSettings(Settings):
@@ -227,7 +227,7 @@ class HttpOracle(LabelOracle):
 
     # -- labels -----------------------------------------------------------------------
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
-        body = json.dumps(encode_images(x)).encode()
+        body = encode_body(x)
         request_id = hashlib.sha256(body).hexdigest()[:32]
         answer, attempts = self._request("POST", "/predict", body, request_id=request_id)
         labels = answer.get("labels")

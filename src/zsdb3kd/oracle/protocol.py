@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import re
 
@@ -29,6 +30,14 @@ def encode_images(x: torch.Tensor) -> dict:
     """The JSON body of a ``POST /predict``: shape, dtype and base64 of little-endian float32 bytes."""
     arr = x.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
     return {"shape": list(arr.shape), "dtype": "float32", "data": base64.b64encode(arr.tobytes()).decode("ascii")}
+
+
+def encode_body(x: torch.Tensor) -> bytes:
+    """``json.dumps(encode_images(x)).encode()``, byte for byte, without the JSON encoder scanning
+    the base64 text (which needs no escaping): most of the client's work per request."""
+    arr = x.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    head = json.dumps({"shape": list(arr.shape), "dtype": "float32"})[:-1].encode()
+    return head + b', "data": "' + base64.b64encode(arr.tobytes()) + b'"}'
 
 
 def max_body_bytes(max_batch: int, input_shape: tuple[int, ...]) -> int:
