@@ -131,6 +131,15 @@ class Capped(Estimator):
 
 
 
+def scatter(n: int, rows: torch.Tensor, values: torch.Tensor, fill: float | bool = False) -> torch.Tensor:
+    """``(n,)`` tensor holding ``values`` at ``rows`` and ``fill`` elsewhere: lets a search update
+    its state with whole masks (``torch.where``) instead of index lists, each of which would wait
+    for the device to learn its length."""
+    out = torch.full((n,), fill, dtype=values.dtype, device=values.device)
+    out[rows] = values
+    return out
+
+
 def local_search(tr: PairTracker, ids: torch.Tensor, theta: torch.Tensor, cap: torch.Tensor, tol: torch.Tensor,
                  shrink: float = 0.99, max_steps: int = 400) -> torch.Tensor:
     """``g(theta)`` near ``cap`` for problems ``ids``: ``inf`` if the point at ``cap`` does not
@@ -140,36 +149,34 @@ def local_search(tr: PairTracker, ids: torch.Tensor, theta: torch.Tensor, cap: t
     n = ids.numel()
     x0 = tr.flat0[ids]
     shape = tr.x0.shape[1:]
-    out = torch.full((n,), float("inf"), device=theta.device)
-    ok = tr.remaining()[ids] > 0
-    if not bool(ok.any()):
-        return out
-    r = torch.nonzero(ok).squeeze(1)
-    adv = tr.query(ids[r], (x0[r] + cap[r, None] * theta[r]).view(-1, *shape))
     hi = torch.full((n,), float("inf"), device=theta.device)
-    hi[r[adv]] = cap[r[adv]]
+    r = torch.nonzero(tr.remaining()[ids] > 0).squeeze(1)
+    if not r.numel():
+        return hi
+    adv = scatter(n, r, tr.query(ids[r], (x0[r] + cap[r, None] * theta[r]).view(-1, *shape)))
+    hi = torch.where(adv, cap, hi)
     lo = hi * shrink
     # bracket: move lo down while it is still adversarial
     moving = torch.isfinite(hi)
     for _ in range(max_steps):
         moving &= tr.remaining()[ids] > 0
-        if not bool(moving.any()):
-            break
         r = torch.nonzero(moving).squeeze(1)
-        adv = tr.query(ids[r], (x0[r] + lo[r, None] * theta[r]).view(-1, *shape))
-        hi[r[adv]] = lo[r[adv]]
-        lo[r[adv]] *= shrink
-        moving[r[~adv]] = False
+        if not r.numel():
+            break
+        adv = scatter(n, r, tr.query(ids[r], (x0[r] + lo[r, None] * theta[r]).view(-1, *shape)))
+        hi = torch.where(adv, lo, hi)
+        lo = torch.where(adv, lo * shrink, lo)
+        moving &= adv
     active = torch.isfinite(hi) & (hi - lo > tol)
     for _ in range(64):
         active &= tr.remaining()[ids] > 0
-        if not bool(active.any()):
-            break
         r = torch.nonzero(active).squeeze(1)
+        if not r.numel():
+            break
         mid = (lo[r] + hi[r]) / 2
         adv = tr.query(ids[r], (x0[r] + mid[:, None] * theta[r]).view(-1, *shape))
-        hi[r[adv]] = mid[adv]
-        lo[r[~adv]] = mid[~adv]
+        mid = scatter(n, r, mid, 0.0)
+        hi = torch.where(scatter(n, r, adv), mid, hi)
+        lo = torch.where(scatter(n, r, ~adv), mid, lo)
         active &= hi - lo > tol
     return hi
-

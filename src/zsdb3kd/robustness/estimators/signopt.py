@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..search import MAX_ELEMS, Estimator, SearchResult, local_search, randn_on, unit
+from ..search import MAX_ELEMS, Estimator, SearchResult, local_search, randn_on, scatter, unit
 from .registry import ESTIMATORS
 from .bd import BoundaryDistance
 
@@ -93,37 +93,46 @@ class SignOPT(Estimator):
         return grad
 
     def _line_search(self, tr, ids, theta, g, grad, alpha, beta):
+        # whole-mask updates (torch.where), not index lists: see search.scatter
         best_theta, best_g = theta.clone(), g.clone()
         a = alpha.clone()
         tol = beta / 500
+        n = ids.numel()
         grow = torch.ones_like(g, dtype=torch.bool)
         for _ in range(self.ls_steps):
             grow &= tr.remaining()[ids] > 0
-            if not bool(grow.any()):
-                break
             r = torch.nonzero(grow).squeeze(1)
+            if not r.numel():
+                break
             cand, _ = unit(theta[r] - a[r, None] * grad[r])
-            cg = local_search(tr, ids[r], cand, best_g[r], tol[r])
-            imp = cg < best_g[r]
-            best_theta[r[imp]] = cand[imp]
-            best_g[r[imp]] = cg[imp]
-            a[r[imp]] *= 2
-            grow[r[~imp]] = False
+            cg = scatter(n, r, local_search(tr, ids[r], cand, best_g[r], tol[r]), float("inf"))
+            imp = cg < best_g
+            best_theta = torch.where(imp[:, None], _rows(n, r, cand), best_theta)
+            best_g = torch.where(imp, cg, best_g)
+            a = torch.where(imp, a * 2, a)
+            grow &= imp
         a = torch.where(best_g < g, a / 2, a)  # last successful step
         shrink = best_g >= g
         for _ in range(self.ls_steps):
             shrink &= tr.remaining()[ids] > 0
-            if not bool(shrink.any()):
-                break
             r = torch.nonzero(shrink).squeeze(1)
-            a[r] *= 0.25
+            if not r.numel():
+                break
+            a = torch.where(shrink, a * 0.25, a)
             cand, _ = unit(theta[r] - a[r, None] * grad[r])
-            cg = local_search(tr, ids[r], cand, g[r], tol[r])
-            imp = cg < g[r]
-            best_theta[r[imp]] = cand[imp]
-            best_g[r[imp]] = cg[imp]
-            shrink[r[imp]] = False
+            cg = scatter(n, r, local_search(tr, ids[r], cand, g[r], tol[r]), float("inf"))
+            imp = cg < g
+            best_theta = torch.where(imp[:, None], _rows(n, r, cand), best_theta)
+            best_g = torch.where(imp, cg, best_g)
+            shrink &= ~imp
         return best_theta, best_g, a
+
+
+def _rows(n: int, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``(n, D)`` zeros holding ``values`` at ``rows``."""
+    out = values.new_zeros(n, values.shape[1])
+    out[rows] = values
+    return out
 
 
 
