@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..search import MAX_ELEMS, Estimator, SearchResult, randn_on, unit
+from ..search import MAX_ELEMS, Estimator, SearchResult, randn_on, scatter, unit
 from .registry import ESTIMATORS
 from .bd import BoundaryDistance
 
@@ -84,38 +84,41 @@ class HopSkipJump(Estimator):
                 t[ids] += 1
                 continue
             # geometric step search along the estimated normal (toward the target side)
+            # (state updated with whole masks, not index lists: see search.scatter)
+            n = ids.numel()
             eps = dist[ids] / t[ids].sqrt()
             cand = xb[ids].clone()
-            pending = torch.ones(ids.numel(), dtype=torch.bool, device=dev)
+            pending = torch.ones(n, dtype=torch.bool, device=dev)
             for _ in range(self.step_tries):
                 pending &= tr.remaining()[ids] > 1
-                if not bool(pending.any()):
-                    break
                 r = torch.nonzero(pending).squeeze(1)
+                if not r.numel():
+                    break
                 trial = (xb[ids[r]] + eps[r, None] * grad[r]).clamp(tr.lower, tr.upper)
-                adv = tr.query(ids[r], trial.view(-1, *tr.x0.shape[1:]))
-                cand[r[adv]] = trial[adv]
-                pending[r[adv]] = False
-                eps[r[~adv]] /= 2
+                adv = scatter(n, r, tr.query(ids[r], trial.view(-1, *tr.x0.shape[1:]), distinct=True))
+                cand[r] = torch.where(adv[r, None], trial, cand[r])
+                eps = torch.where(pending & ~adv, eps / 2, eps)
+                pending &= ~adv
             # bisect on the segment x0 -> cand (cand meets the criterion; x0 does not)
-            lo = torch.zeros(ids.numel(), device=dev)
-            hi = torch.ones(ids.numel(), device=dev)
+            lo = torch.zeros(n, device=dev)
+            hi = torch.ones(n, device=dev)
             seg = cand - x0[ids]
             active = ~pending
             for _ in range(40):
                 active &= (hi - lo > self.tol) & (tr.remaining()[ids] > 0)
-                if not bool(active.any()):
-                    break
                 r = torch.nonzero(active).squeeze(1)
+                if not r.numel():
+                    break
                 mid = (lo[r] + hi[r]) / 2
-                adv = tr.query(ids[r], (x0[ids[r]] + mid[:, None] * seg[r]).view(-1, *tr.x0.shape[1:]))
-                hi[r[adv]] = mid[adv]
-                lo[r[~adv]] = mid[~adv]
+                adv = tr.query(ids[r], (x0[ids[r]] + mid[:, None] * seg[r]).view(-1, *tr.x0.shape[1:]), distinct=True)
+                mid = scatter(n, r, mid, 0.0)
+                hi = torch.where(scatter(n, r, adv), mid, hi)
+                lo = torch.where(scatter(n, r, ~adv), mid, lo)
             new_xb = x0[ids] + hi[:, None] * seg
             new_d = (new_xb - x0[ids]).norm(dim=1)
             better = ~pending & (new_d < dist[ids])
-            xb[ids[better]] = new_xb[better]
-            dist[ids[better]] = new_d[better]
+            xb[ids] = torch.where(better[:, None], new_xb, xb[ids])
+            dist[ids] = torch.where(better, new_d, dist[ids])
             t[ids] += 1
         theta, lam_out = unit(xb - x0)
         lam_out = torch.where(ok, lam_out, torch.full_like(lam_out, float("inf")))
@@ -136,22 +139,24 @@ class HopSkipJump(Estimator):
         hi = torch.full_like(d, math.pi / 2)
         best, best_d = xb.clone(), dist.clone()
         active = wn > 1e-6
+        n = ids.numel()
         for _ in range(60):
             # stop once the radius cannot shrink by more than the relative tolerance
             active &= (torch.cos(hi) < (1 - self.tol) * torch.cos(lo)) & (tr.remaining()[ids] > 0)
-            if not bool(active.any()):
-                break
             r = torch.nonzero(active).squeeze(1)
+            if not r.numel():
+                break
             a = (lo[r] + hi[r]) / 2
             ca, sa = torch.cos(a)[:, None], torch.sin(a)[:, None]
             p = (x0[r] + d[r, None] * ca * (ca * v[r] + sa * w[r])).clamp(tr.lower, tr.upper)
-            adv = tr.query(ids[r], p.view(-1, *shape))
-            lo[r[adv]] = a[adv]
-            hi[r[~adv]] = a[~adv]
+            adv = tr.query(ids[r], p.view(-1, *shape), distinct=True)
             pd = (p - x0[r]).norm(dim=1)
             better = adv & (pd < best_d[r])
-            best[r[better]] = p[better]
-            best_d[r[better]] = pd[better]
+            a, adv_n = scatter(n, r, a, 0.0), scatter(n, r, adv)
+            lo = torch.where(adv_n, a, lo)
+            hi = torch.where(scatter(n, r, ~adv), a, hi)
+            best[r] = torch.where(better[:, None], p, best[r])
+            best_d[r] = torch.where(better, pd, best_d[r])
         return best, best_d
 
     def _probes(self, n: int, k: int, low: torch.Tensor, shape: tuple[int, ...], generator,
