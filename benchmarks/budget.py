@@ -209,13 +209,39 @@ def run_reference(kind: str, data: DataSettings, teacher: Path, student: str, se
     return model, oracle.queries
 
 
+def settings_key(kind: str, overrides: dict) -> str | None:
+    """What names a budgeted method's recipe: the content hash of its full settings (the
+    defaults of this checkout with the method's overrides), so a record says which recipe a
+    name meant when it was measured; ``None`` for the other kinds."""
+    if kind not in ("budgeted", "pool", "pool-other"):
+        return None
+    from zsdb3kd.budget import BudgetSettings
+
+    return BudgetSettings().replace(**overrides).key()
+
+
+def refuse_other_recipe(doc: dict, rec: dict, out: Path) -> None:
+    """Stop when ``doc`` holds records of ``rec``'s dataset and method measured with other
+    settings (a changed default changes what a method name means; records without a key are
+    older than the keys and are not compared)."""
+    key = rec.get("settings_key")
+    for r in doc["records"]:
+        if (r["dataset"], r["method"]) == (rec["dataset"], rec["method"]) and None not in (key, r.get("settings_key")) \
+                and r["settings_key"] != key:
+            raise SystemExit(f"{out} holds {rec['dataset']} {rec['method']} records measured with other settings "
+                             f"({r['settings_key']}, now {key}): the defaults changed since. Write to another "
+                             "--out file.")
+
+
 def save_cell(out: Path, rec: dict, command: str) -> dict:
     """Add one cell to ``out`` under a file lock, re-reading it first: several invocations may
     fill the same grid at once without losing each other's cells. A cell of another teacher
-    than the file's records for its dataset is refused (``SystemExit``)."""
+    than the file's records for its dataset, or of another recipe than the file's records of
+    its method, is refused (``SystemExit``)."""
     with FileLock(f"{out}.lock"):
         doc = json.loads(out.read_text()) if out.exists() else {"command": "", "records": []}
         refuse_other_teacher(doc, rec["dataset"], {k: rec.get(k) for k in ("teacher_acc", "teacher_sha256")}, out)
+        refuse_other_recipe(doc, rec, out)
         key = (rec["dataset"], rec["method"], rec["budget"], rec["seed"])
         doc["records"] = [r for r in doc["records"] if (r["dataset"], r["method"], r["budget"], r["seed"]) != key]
         doc["records"].append(rec)
@@ -247,6 +273,9 @@ def main() -> None:
         pool = None
         for method in args.methods:
             kind, overrides = parse(method)
+            recipe_key = settings_key(kind, overrides)
+            if recipe_key is not None:  # before the first cell, not after hours of them
+                refuse_other_recipe(doc, {"dataset": name, "method": method, "settings_key": recipe_key}, out)
             if kind == "pool-other" and name not in OTHER_POOL:
                 print(f"{name} {method}: no other dataset of its shape here, skipped", flush=True)
                 continue
@@ -279,7 +308,8 @@ def main() -> None:
                     rec = {"dataset": name, "method": method, "budget": budget, "seed": seed, "queries": spent,
                            "test_acc": round(accuracy(model, test.x, test.y), 2),
                            "fidelity": round(float((pred == t_pred).float().mean() * 100), 2),
-                           **ident, "wall_s": round(time.perf_counter() - t0, 1),
+                           **ident, **({"settings_key": recipe_key} if recipe_key else {}),
+                           "wall_s": round(time.perf_counter() - t0, 1),
                            "threads": torch.get_num_threads(), "command": doc["command"]}
                     assert budget is None or spent <= budget, rec
                     print(json.dumps(rec), flush=True)

@@ -79,3 +79,19 @@ def test_the_pages_pair_a_lever_only_with_the_recipe_of_the_same_teacher():
                        _rec(71.0, seed=0, method="budgeted-x"), _rec(90.0, seed=1, method="budgeted-x")]}
     rows = [line for line in pages.paired_table(doc).splitlines() if line.startswith("| fashion-mnist ")]
     assert rows == ["| fashion-mnist | 10,000 | `budgeted-x` | 1 | 71.00 | 70.00 | +1.00 | 1 of 1 |"]
+
+
+def test_a_cell_of_another_recipe_under_the_same_name_is_not_saved(bench, tmp_path):
+    """A budgeted record names its recipe (the hash of its full settings): when the defaults
+    change, what `budgeted` means changes, and the new cells may not join the old ones."""
+    now = bench.settings_key("budgeted", {})
+    assert now == bench.settings_key("budgeted", {}) != bench.settings_key("budgeted", {"mixup": 0.5})
+    assert bench.settings_key("random", {}) is None
+    out = tmp_path / "budget.json"
+    bench.save_cell(out, _rec(seed=0), "cmd")  # an older record without a key: not compared
+    bench.save_cell(out, {**_rec(seed=1), "settings_key": now}, "cmd")
+    bench.save_cell(out, {**_rec(seed=0, method="budgeted-mixup"), "settings_key": "other"}, "cmd")  # other name
+    before = out.read_text()
+    with pytest.raises(SystemExit, match="budgeted records measured with other settings.*--out"):
+        bench.save_cell(out, {**_rec(seed=2), "settings_key": "0123456789abcdef"}, "cmd")
+    assert out.read_text() == before
