@@ -62,12 +62,11 @@ def replay(model, sizes: list[int], shape, device: str, wait: bool) -> float:
 
 def raw_rate(model, batch: int, shape, device: str, seconds: float = 2.0) -> float:
     """Images/s of the bare teacher at a fixed batch size, pipelined (no wait between calls)."""
-    n, calls = 0, 8
-    while True:
+    calls = 8
+    while True:  # grow the run until it lasts long enough to time
         t = replay(model, [batch] * calls, shape, device, wait=False)
-        n = calls * batch
         if t >= seconds / 4 or calls >= 1 << 20:
-            return n / t
+            return calls * batch / t
         calls *= 4
 
 
