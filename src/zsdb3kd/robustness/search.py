@@ -132,10 +132,10 @@ class Capped(Estimator):
 
 
 def scatter(n: int, rows: torch.Tensor, values: torch.Tensor, fill: float | bool = False) -> torch.Tensor:
-    """``(n,)`` tensor holding ``values`` at ``rows`` and ``fill`` elsewhere: lets a search update
+    """``(n, ...)`` tensor holding ``values`` at ``rows`` and ``fill`` elsewhere: lets a search update
     its state with whole masks (``torch.where``) instead of index lists, each of which would wait
     for the device to learn its length."""
-    out = torch.full((n,), fill, dtype=values.dtype, device=values.device)
+    out = values.new_full((n, *values.shape[1:]), fill)
     out[rows] = values
     return out
 

@@ -107,7 +107,7 @@ class SignOPT(Estimator):
             cand, _ = unit(theta[r] - a[r, None] * grad[r])
             cg = scatter(n, r, local_search(tr, ids[r], cand, best_g[r], tol[r]), float("inf"))
             imp = cg < best_g
-            best_theta = torch.where(imp[:, None], _rows(n, r, cand), best_theta)
+            best_theta = torch.where(imp[:, None], scatter(n, r, cand, 0.0), best_theta)
             best_g = torch.where(imp, cg, best_g)
             a = torch.where(imp, a * 2, a)
             grow &= imp
@@ -122,18 +122,10 @@ class SignOPT(Estimator):
             cand, _ = unit(theta[r] - a[r, None] * grad[r])
             cg = scatter(n, r, local_search(tr, ids[r], cand, g[r], tol[r]), float("inf"))
             imp = cg < g
-            best_theta = torch.where(imp[:, None], _rows(n, r, cand), best_theta)
+            best_theta = torch.where(imp[:, None], scatter(n, r, cand, 0.0), best_theta)
             best_g = torch.where(imp, cg, best_g)
             shrink &= ~imp
         return best_theta, best_g, a
-
-
-def _rows(n: int, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``(n, D)`` zeros holding ``values`` at ``rows``."""
-    out = values.new_zeros(n, values.shape[1])
-    out[rows] = values
-    return out
-
 
 
 
