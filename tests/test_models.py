@@ -205,3 +205,48 @@ def test_small_students_take_any_input_shape(name: str, shape: tuple[int, int, i
     assert out.shape == (3, 4)
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_lenet5_pools_before_its_relus_with_the_same_function_and_gradients() -> None:
+    """relu(maxpool(conv)) is the textbook maxpool(relu(conv)) bit for bit, gradients included."""
+    torch.manual_seed(0)
+    model = create_model("lenet5-half")
+    x = torch.rand(32, 1, 28, 28) * 2 - 1
+
+    def textbook(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = m.maxpool1(m.relu1(m.conv1(x)))
+        x = m.maxpool2(m.relu2(m.conv2(x)))
+        return m.fc2(m.relu4(m.fc1(torch.flatten(x, 1))))
+
+    results = []
+    for forward in (model, lambda x: textbook(model, x)):
+        model.zero_grad()
+        out = forward(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+@pytest.mark.parametrize("name,shape", [("lenet5-half", (1, 28, 28)), ("alexnet-half", (3, 32, 32)),
+                                        ("cnn-small", (1, 8, 12)), ("mlp", (1, 8, 12))])
+def test_on_device_cpu_uses_channels_last_and_computes_the_same_function(name: str, shape, tmp_path) -> None:
+    from zsdb3kd.models import on_device
+    from zsdb3kd.store import read_tensors, write_tensors
+
+    torch.manual_seed(0)
+    plain = create_model(name, input_shape=shape).eval()
+    fast = on_device(create_model(name, input_shape=shape), "cpu").eval()
+    fast.load_state_dict(plain.state_dict())
+    for p in fast.parameters():
+        if p.dim() == 4:
+            assert p.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(16, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    # its weights are saved as plain tensors and load back into a model of the default layout
+    write_tensors(tmp_path / "w.safetensors", fast.state_dict())
+    again = create_model(name, input_shape=shape).eval()
+    again.load_state_dict(read_tensors(tmp_path / "w.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), fast(x), rtol=1e-5, atol=1e-5)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from .models import on_device
 from .parallel import all_sum, broadcast, broadcast_buffers, world
 from .progress import QueryProgress
 from .settings import Settings
@@ -193,7 +194,7 @@ def train(
     rank, size = world()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model.to(device).train()
+    on_device(model, device).train()
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best_acc, best_epoch, best_state = -1.0, -1, None
     history: list[dict[str, float]] = []

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..models import create_model
+from ..models import create_model, on_device
 from ..parallel import is_main
 from ..settings import content_key
 from ..store import derive_seed, generator, read_tensors, write_json, write_tensors
@@ -103,7 +103,7 @@ class _Run:
         self.device = torch.device(device)
         self.progress = progress
         self.plan = plan_rounds(self.budget, s.rounds, s.init_fraction)
-        self.student = build_student(arch, self.k, self.shape, seed).to(self.device)
+        self.student = on_device(build_student(arch, self.k, self.shape, seed), self.device)
         if pool is not None:
             if pool.dim() != 4 or tuple(pool.shape[1:]) != self.shape:
                 raise ValueError(f"the pool must hold (N, {', '.join(map(str, self.shape))}) images, got "
@@ -201,7 +201,7 @@ class _Run:
         p = predict(self.student, cand.to(self.device)).cpu()
         earlier = None
         if s.acquisition == "committee" and self.earlier is not None and r > 1:  # round 1's is untrained
-            snap = build_student(self.arch, self.k, self.shape, self.seed).to(self.device)
+            snap = on_device(build_student(self.arch, self.k, self.shape, self.seed), self.device)
             snap.load_state_dict(self.earlier)
             earlier = predict(snap, cand.to(self.device)).cpu()
         weight = (1.0 + torch.bincount(yl, minlength=self.k).float()) ** -s.rare_boost if s.rare_boost else None
@@ -225,8 +225,8 @@ class _Run:
         xl, yl, vl = self.labelled()
         last = r == len(self.plan) - 1
         if last and s.final_fresh and r > 0:
-            self.student = build_student(self.arch, self.k, self.shape, derive_seed(self.seed, "budget", "final"))
-            self.student.to(self.device)
+            self.student = on_device(build_student(self.arch, self.k, self.shape,
+                                                   derive_seed(self.seed, "budget", "final")), self.device)
         if s.acquisition == "committee":
             self.earlier = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
         stats = fit(self.student, xl[~vl], yl[~vl], s.final_epochs if last else s.epochs_per_round, s,

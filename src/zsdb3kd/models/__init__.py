@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from .alexnet import AlexNet
-from .base import DEFAULT_INPUT_SHAPE, MODELS, InputShape, ShapeLike, parse_input_shape
+from .base import DEFAULT_INPUT_SHAPE, MODELS, InputShape, ShapeLike, on_device, parse_input_shape
 from .lenet import LeNet5
 from .resnet import BasicBlock, ResNet
 from .small import MLP, SmallCNN  # each import also registers its factories
@@ -46,6 +46,7 @@ __all__ = [
     "count_parameters",
     "create_model",
     "list_models",
+    "on_device",
     "parse_input_shape",
 ]
 

@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from ..models import on_device
 from .base import LabelOracle
 
 
@@ -20,7 +21,7 @@ class TorchOracle(LabelOracle):
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], num_classes: int, **kwargs) -> None:
         super().__init__(input_shape, num_classes, **kwargs)
-        self.__model = model.to(self.device).eval()
+        self.__model = on_device(model, self.device).eval()
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.__model(x.to(self.device, torch.float32))
