@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from zsdb3kd.budget import V1
 from zsdb3kd.data import DataSettings
 from zsdb3kd.distill import TrainSettings, accuracy, predict, train
 from zsdb3kd.experiment.stages import train_teacher
@@ -72,7 +73,8 @@ ABLATIONS = {
     "-no-balance": {"class_balance": False, "balanced_sampling": False},
     "-no-aug": {"augment_labelled": 0.0},
     "-one-round": {"rounds": 0},
-    "-off": None,  # every ingredient off, same training steps: zsdb3kd.experiment.extract.recipe("random")
+    "-off": None,
+    "-v1": V1,  # the first recipe, the defaults until 2026-12-04  # every ingredient off, same training steps: zsdb3kd.experiment.extract.recipe("random")
     # levers (not ablations): one change each against the default recipe
     "-mixup": {"mixup": 0.5},
     "-dip-mix": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "dip": 2.0}},
@@ -91,7 +93,8 @@ ABLATIONS = {
     "-curves-mixup": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "curves": 2.0},
                       "mixup": 0.5},
     "-curves": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "curves": 2.0}},
-    # every lever that measured ahead of the recipe on average, together
+    # every lever that measured ahead of the first recipe on average, together: the defaults since
+    # 2026-12-04 (so the same settings as "", and the same settings_key as its records of before)
     "-combo": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "curves": 2.0},
                "mixup": 0.5, "weight_decay": 5e-4, "final_fresh": True, "final_epochs": 120.0},
 }
@@ -188,11 +191,12 @@ def run_paper(oracle, student: str, budget: int, seed: int):
     return model
 
 
-def run_budgeted(oracle, student: str, budget: int, seed: int, overrides: dict, pool: torch.Tensor | None):
+def run_budgeted(oracle, student: str, budget: int, seed: int, overrides: dict, pool: torch.Tensor | None,
+                 device: str = "cpu"):
     from zsdb3kd.budget import BudgetSettings, train_budgeted
 
     return train_budgeted(oracle, student, budget, BudgetSettings().replace(**overrides), seed=seed,
-                          pool=pool).student
+                          pool=pool, device=device).student.cpu()
 
 
 def run_reference(kind: str, data: DataSettings, teacher: Path, student: str, seed: int):
@@ -258,7 +262,17 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["random", "paper", "budgeted"])
     ap.add_argument("--teacher-dir", default="runs/bench-teachers")
     ap.add_argument("--out", default="docs/results/budget.json")
+    ap.add_argument("--device", default="cpu", help="where the teacher answers and the budgeted students train "
+                    "(the other methods stay on the CPU); records of another device say so")
+    ap.add_argument("--data-root", nargs="*", default=[], metavar="NAME=DIR",
+                    help="where a dataset's files are, e.g. fashion-mnist=/data/fmnist (default: the usual places)")
     args = ap.parse_args()
+    for item in args.data_root:
+        name, _, root = item.partition("=")
+        if name not in DATASETS or not root:
+            raise SystemExit(f"--data-root wants NAME=DIR with NAME one of {', '.join(sorted(DATASETS))}, got {item!r}")
+        DATASETS[name] = (DATASETS[name][0].replace(root=root), *DATASETS[name][1:])
+    on_gpu = args.device != "cpu"
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {"command": "", "records": []}
     done = {(r["dataset"], r["method"], r["budget"], r["seed"]) for r in doc["records"]}
@@ -285,7 +299,8 @@ def main() -> None:
                     key = (name, method, budget, seed)
                     if key in done:
                         continue
-                    oracle = TorchOracle.from_file(teacher, budget=budget)
+                    oracle = TorchOracle.from_file(teacher, budget=budget,
+                                                   device=args.device if kind in ("budgeted", "pool") else "cpu")
                     t0 = time.perf_counter()
                     if kind in ("all-labels", "whitebox-kd"):
                         model, spent = run_reference(kind, data, teacher, student, seed)
@@ -296,7 +311,8 @@ def main() -> None:
                     elif kind in ("budgeted", "pool"):
                         if kind == "pool" and pool is None:
                             pool = data.load("train").x  # images only: their labels are never read
-                        model = run_budgeted(oracle, student, budget, seed, overrides, pool if kind == "pool" else None)
+                        model = run_budgeted(oracle, student, budget, seed, overrides, pool if kind == "pool" else None,
+                                             args.device)
                     elif kind == "pool-other":
                         other = DATASETS[OTHER_POOL[name]][0].load("train").x  # another domain, labels never read
                         model = run_budgeted(oracle, student, budget, seed, overrides, other)
@@ -310,7 +326,8 @@ def main() -> None:
                            "fidelity": round(float((pred == t_pred).float().mean() * 100), 2),
                            **ident, **({"settings_key": recipe_key} if recipe_key else {}),
                            "wall_s": round(time.perf_counter() - t0, 1),
-                           "threads": torch.get_num_threads(), "command": doc["command"]}
+                           "threads": torch.get_num_threads(), "command": doc["command"],
+                           **({"device": args.device} if on_gpu and kind in ("budgeted", "pool") else {})}
                     assert budget is None or spent <= budget, rec
                     print(json.dumps(rec), flush=True)
                     doc = save_cell(out, rec, doc["command"])  # an interrupted benchmark keeps what it measured

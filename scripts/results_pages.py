@@ -88,19 +88,44 @@ def budget_tables(doc: dict) -> str:
     return "\n".join(out)
 
 
+def recipes() -> dict[str, str]:
+    """settings_key -> name of the budgeted student's recipes: v1 (the first defaults) and v2."""
+    from zsdb3kd.budget import V1, BudgetSettings
+
+    return {BudgetSettings(**V1).key(): "v1", BudgetSettings().key(): "v2"}
+
+
+def recipe_of(doc: dict) -> str:
+    """Which recipe the ``budgeted`` records of ``doc`` ran: a record without a key predates the
+    keys, which came before v2, so it ran v1."""
+    names = recipes()
+    found = {names.get(r.get("settings_key") or next(iter(names)), "another")
+             for r in doc["records"] if r["method"] == "budgeted"}
+    return " and ".join(sorted(found)) or "none"
+
+
+RECIPE_NOTE = {"v1": "recipe v1, the defaults until 2026-12-04 (`budgeted-v1` now); each `budgeted-<lever>` "
+                     "row is v1 with that one change",
+               "v2": "recipe v2, the defaults since 2026-12-04 (`budgeted-combo` names the same settings)"}
+
+
 def grid_block(doc: dict) -> str:
-    """The commands that wrote a budget grid's records, then its tables."""
+    """The commands that wrote a budget grid's records, the recipe its ``budgeted`` rows ran, then its tables."""
     commands = dict.fromkeys(r.get("command", doc["command"]) for r in doc["records"])
-    return "```bash\n" + "\n".join(commands) + "\n```\n\n" + budget_tables(doc)
+    used = recipe_of(doc)
+    note = f"`budgeted` rows here: {RECIPE_NOTE.get(used, used)}.\n\n" if used != "none" else ""
+    return "```bash\n" + "\n".join(commands) + "\n```\n\n" + note + budget_tables(doc)
 
 
-def headline(doc: dict) -> str:
-    """The README's table: the budgeted student and ``random`` at the budgets the field reports."""
+def headline(doc: dict, v2: dict | None = None) -> str:
+    """The README's table: the budgeted student and ``random`` at the budgets the field reports;
+    with ``v2`` (a grid whose ``budgeted-combo`` rows ran recipe v2 with a retrained teacher), those too."""
     recs = doc["records"]
     want = {"fashion-mnist": (10_000, 50_000), "mnist": (20_000,), "cifar10": (10_000, 50_000)}
-    lines = ["| data | queries | random images (before) | **budgeted student** (no data) | best published (hard "
+    lines = [f"| data | queries | random images (before) | budgeted student, recipe {recipe_of(doc)} (no data) | "
+             "**recipe v2, the default** (no data; a retrained teacher) | best published (hard "
              "labels, no data) | budgeted, real unlabelled pool | all training images labelled |",
-             "|---|---:|---:|---:|---|---:|---:|"]
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
     for dataset, budgets in want.items():
         for b in budgets:
             cell = {}
@@ -113,7 +138,13 @@ def headline(doc: dict) -> str:
                            for n, qb, v in QUOTED.get(dataset, []) if qb == b), "")
             refs = [r for r in recs if r["dataset"] == dataset and r["method"] == "all-labels"]
             ref = f"{_cell([r['test_acc'] for r in refs])} ({refs[0]['queries']:,} queries)" if refs else ""
-            lines.append(f"| {dataset} | {b:,} | {cell['random']} | **{cell['budgeted']}** | {quoted} | "
+            v = [r["test_acc"] for r in (v2 or {"records": []})["records"]
+                 if (r["dataset"], r["method"], r["budget"]) == (dataset, "budgeted-combo", b)]
+            v1 = [r["test_acc"] for r in (v2 or {"records": []})["records"]
+                  if (r["dataset"], r["method"], r["budget"]) == (dataset, "budgeted", b)]
+            new = (f"**{_cell(v)}** ({len(v)} seed{'s' if len(v) > 1 else ''}; v1 with this teacher "
+                   f"{statistics.mean(v1):.1f})" if v and v1 else f"**{_cell(v)}**" if v else "")
+            lines.append(f"| {dataset} | {b:,} | {cell['random']} | {cell['budgeted']} | {new} | {quoted} | "
                          f"{cell['pool']} | {ref} |")
     return "\n".join(lines)
 
@@ -294,6 +325,8 @@ def paired_table(doc: dict, recipe: str = "budgeted") -> str:
         b = base.get(_pair_key(r))
         if r["method"].startswith(recipe + "-") and b is not None:
             diffs[(r["dataset"], r["budget"], r["method"])].append((r["test_acc"], b))
+    if not diffs:
+        return ""
     lines = [f"| data | queries | lever | seeds | lever (%) | `{recipe}`, same seeds (%) | difference (points) | "
              "lever ahead |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for (d, b, m), v in sorted(diffs.items(), key=lambda kv: (kv[0][0], kv[0][1], _method_order(kv[0][2]), kv[0][2])):
@@ -322,7 +355,8 @@ def blocks() -> dict[Path, list[tuple[str, str]]]:
         doc = json.loads((RESULTS / "budget.json").read_text())
         out[RESULTS / "budget.md"].append(("budget", grid_block(doc)))
         out[RESULTS / "budget.md"].append(("paired", paired_table(doc)))
-        out[ROOT / "README.md"].append(("headline", headline(doc)))
+        v2 = RESULTS / "budget-retrained-teacher.json"
+        out[ROOT / "README.md"].append(("headline", headline(doc, json.loads(v2.read_text()) if v2.exists() else None)))
         if any(r["method"] == "paper" for r in doc["records"]):
             out[RESULTS / "zero-shot-paper-chain.md"].append(("paper-chain", paper_chain_table(doc)))
     for path in sorted(RESULTS.glob("budget-*.json")):  # the same grid measured with another teacher

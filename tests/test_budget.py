@@ -262,7 +262,7 @@ def test_final_fresh_trains_a_new_student_on_every_labelled_image():
 
     s = FAST.replace(final_fresh=True)
     res = train_budgeted(oracle_for(SHAPE), "mlp", 120, s, seed=3)
-    warm = train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST, seed=3)
+    warm = train_budgeted(oracle_for(SHAPE), "mlp", 120, FAST.replace(final_fresh=False), seed=3)
     assert torch.equal(res.x, warm.x)  # the rounds before the last are the same
     again = build_student("mlp", K, SHAPE, derive_seed(3, "budget", "final"))
     last = len(res.log) - 1

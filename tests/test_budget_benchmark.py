@@ -85,8 +85,11 @@ def test_a_cell_of_another_recipe_under_the_same_name_is_not_saved(bench, tmp_pa
     """A budgeted record names its recipe (the hash of its full settings): when the defaults
     change, what `budgeted` means changes, and the new cells may not join the old ones."""
     now = bench.settings_key("budgeted", {})
-    assert now == bench.settings_key("budgeted", {}) != bench.settings_key("budgeted", {"mixup": 0.5})
+    assert now == bench.settings_key("budgeted", {}) != bench.settings_key("budgeted", {"mixup": 0.0})
     assert bench.settings_key("random", {}) is None
+    # the first recipe by name has the key its records carried while it was the default
+    assert bench.settings_key(*bench.parse("budgeted-v1")) == "740b77bcd607a2a0"
+    assert bench.settings_key(*bench.parse("budgeted-combo")) == now
     out = tmp_path / "budget.json"
     bench.save_cell(out, _rec(seed=0), "cmd")  # an older record without a key: not compared
     bench.save_cell(out, {**_rec(seed=1), "settings_key": now}, "cmd")

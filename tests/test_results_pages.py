@@ -67,3 +67,18 @@ def test_levers_are_paired_with_the_recipe_seed_by_seed_on_the_same_thread_count
     rows = [line for line in _pages_module().paired_table(doc).splitlines() if line.startswith("| d ")]
     # seed 2 ran on another thread count: not a pair; random is not a lever of the recipe
     assert rows == ["| d | 100 | `budgeted-x` | 2 | 72.00 ± 1.41 | 72.00 ± 2.83 | +0.00 ± 1.41 | 1 of 2 |"]
+
+
+def test_each_budget_table_says_which_recipe_its_budgeted_rows_ran():
+    from zsdb3kd.budget import V1, BudgetSettings
+
+    pages = _pages_module()
+    rec = {"dataset": "fashion-mnist", "method": "budgeted", "budget": 10000, "seed": 0, "test_acc": 70.0,
+           "fidelity": 72.0, "teacher_acc": 91.0, "wall_s": 100.0, "threads": 1}
+    assert pages.recipe_of({"records": [rec]}) == "v1"  # records without a key predate v2
+    assert pages.recipe_of({"records": [{**rec, "settings_key": BudgetSettings(**V1).key()}]}) == "v1"
+    assert pages.recipe_of({"records": [{**rec, "settings_key": BudgetSettings().key()}]}) == "v2"
+    assert pages.recipe_of({"records": [{**rec, "settings_key": "0123456789abcdef"}]}) == "another"
+    assert pages.recipe_of({"records": [{**rec, "method": "random"}]}) == "none"
+    block = pages.grid_block({"command": "cmd", "records": [{**rec, "settings_key": BudgetSettings().key()}]})
+    assert "`budgeted` rows here: recipe v2" in block

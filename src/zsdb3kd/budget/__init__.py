@@ -9,6 +9,6 @@ training and :mod:`.method` the rounds.
 """
 
 from .method import BudgetResult, build_student, train_budgeted
-from .settings import BudgetSettings, plan_rounds
+from .settings import V1, BudgetSettings, plan_rounds
 
-__all__ = ["BudgetResult", "BudgetSettings", "build_student", "plan_rounds", "train_budgeted"]
+__all__ = ["V1", "BudgetResult", "BudgetSettings", "build_student", "plan_rounds", "train_budgeted"]
