@@ -98,3 +98,12 @@ def test_a_cell_of_another_recipe_under_the_same_name_is_not_saved(bench, tmp_pa
     with pytest.raises(SystemExit, match="budgeted records measured with other settings.*--out"):
         bench.save_cell(out, {**_rec(seed=2), "settings_key": "0123456789abcdef"}, "cmd")
     assert out.read_text() == before
+
+
+@pytest.mark.parametrize("bad", ["fashion-mnist", "imagenet=/data", "mnist="])
+def test_a_bad_data_root_stops_before_any_teacher_or_cell(bench, monkeypatch, tmp_path, bad):
+    monkeypatch.setattr(sys, "argv", ["budget.py", "--data-root", bad, "--teacher-dir", str(tmp_path / "none"),
+                                      "--out", str(tmp_path / "out.json")])
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        bench.main()
+    assert not (tmp_path / "none").exists() and not (tmp_path / "out.json").exists()
