@@ -73,9 +73,9 @@ ABLATIONS = {
     "-no-balance": {"class_balance": False, "balanced_sampling": False},
     "-no-aug": {"augment_labelled": 0.0},
     "-one-round": {"rounds": 0},
-    "-off": None,
-    "-v1": V1,  # the first recipe, the defaults until 2026-12-04  # every ingredient off, same training steps: zsdb3kd.experiment.extract.recipe("random")
-    # levers (not ablations): one change each against the default recipe
+    "-off": None,  # every ingredient off, same training steps: zsdb3kd.experiment.extract.recipe("random")
+    "-v1": V1,  # the first recipe, the defaults until 2026-12-04
+    # levers (not ablations): one change each against the defaults (v1 when they were measured)
     "-mixup": {"mixup": 0.5},
     "-dip-mix": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "dip": 2.0}},
     "-dip": {"candidates": {"dip": 1.0}},
