@@ -99,7 +99,7 @@ def recipe_of(doc: dict) -> str:
     """Which recipe the ``budgeted`` records of ``doc`` ran: a record without a key predates the
     keys, which came before v2, so it ran v1."""
     names = recipes()
-    found = {names.get(r.get("settings_key") or next(iter(names)), "another")
+    found = {"v1" if r.get("settings_key") is None else names.get(r["settings_key"], "another")
              for r in doc["records"] if r["method"] == "budgeted"}
     return " and ".join(sorted(found)) or "none"
 
@@ -138,10 +138,9 @@ def headline(doc: dict, v2: dict | None = None) -> str:
                            for n, qb, v in QUOTED.get(dataset, []) if qb == b), "")
             refs = [r for r in recs if r["dataset"] == dataset and r["method"] == "all-labels"]
             ref = f"{_cell([r['test_acc'] for r in refs])} ({refs[0]['queries']:,} queries)" if refs else ""
-            v = [r["test_acc"] for r in (v2 or {"records": []})["records"]
-                 if (r["dataset"], r["method"], r["budget"]) == (dataset, "budgeted-combo", b)]
-            v1 = [r["test_acc"] for r in (v2 or {"records": []})["records"]
-                  if (r["dataset"], r["method"], r["budget"]) == (dataset, "budgeted", b)]
+            same = [r for r in (v2 or {}).get("records", []) if (r["dataset"], r["budget"]) == (dataset, b)]
+            v = [r["test_acc"] for r in same if r["method"] == "budgeted-combo"]
+            v1 = [r["test_acc"] for r in same if r["method"] == "budgeted"]
             new = (f"**{_cell(v)}** ({len(v)} seed{'s' if len(v) > 1 else ''}; v1 with this teacher "
                    f"{statistics.mean(v1):.1f})" if v and v1 else f"**{_cell(v)}**" if v else "")
             lines.append(f"| {dataset} | {b:,} | {cell['random']} | {cell['budgeted']} | {new} | {quoted} | "
