@@ -52,9 +52,9 @@ def parse_input_shape(value: ShapeLike) -> InputShape:
 def on_device(model: nn.Module, device: str | torch.device) -> nn.Module:
     """``model`` moved to ``device`` (in place, returned). On the CPU its 4-D weights take the
     channels-last layout, oneDNN's fast path for small convolutions: the same function summed
-    in another order, and 1.3-1.9x the training and inference rate measured for LeNet-5,
-    LeNet-5-half, AlexNet-half and cnn-small on 1-2 cores (docs/scale-out.md). Other devices
-    keep the default layout."""
+    in another order, at 1.2-1.7x the training rate and 1.3-2.4x the inference rate of the
+    default layout for LeNet-5, LeNet-5-half, AlexNet-half and cnn-small on one core
+    (benchmarks/layout.py). Other devices keep the default layout."""
     model.to(device)
     if torch.device(device).type == "cpu":
         model.to(memory_format=torch.channels_last)
