@@ -292,10 +292,11 @@ def _pair_key(r: dict) -> tuple:
     return r["dataset"], r["budget"], r["seed"], r.get("threads", 1), r.get("teacher_acc")
 
 
-def levers_table(doc: dict, recipe: list[dict]) -> str:
-    """Each lever of benchmarks/levers.py beside the default recipe's run (budget.json,
-    ``budgeted``) on the same dataset, budget, seed, thread count and teacher: paired by seed."""
-    base = {_pair_key(r): r["test_acc"] for r in recipe if r["method"] == "budgeted"}
+def levers_table(doc: dict, recipe: list[dict], method: str = "budgeted") -> str:
+    """Each lever of benchmarks/levers.py beside the recipe's run (``method`` in ``recipe``, the
+    records of budget.json) on the same dataset, budget, seed, thread count and teacher: paired
+    by seed."""
+    base = {_pair_key(r): r["test_acc"] for r in recipe if r["method"] == method}
     commands = dict.fromkeys(r["command"] for r in doc["records"])
     lines = ["```bash", *commands, "```", "",
              "| lever | data | queries | seed | test acc. (%) | fidelity (%) | recipe, same seed (%) | difference |",
@@ -312,6 +313,32 @@ def levers_table(doc: dict, recipe: list[dict]) -> str:
     lines += ["", "Mean difference from the recipe, paired by seed (points):", ""]
     lines += [f"* `{m}`, {d} at {b:,} queries: {_cell(v)} over {len(v)} seed(s)" for (m, d, b), v in paired.items()]
     return "\n".join(lines)
+
+
+def priors_table(doc: dict, recipe: list[dict]) -> str:
+    """benchmarks/priors.py: its run prototypes beside recipe v2 (``budgeted-combo`` of the
+    retrained teacher's grid) and the recipe's mean over every seed of that budget; its
+    ensembles of fresh final students as members and ensemble."""
+    runs = {"records": [r for r in doc["records"] if "members" not in r]}
+    ens = [r for r in doc["records"] if "members" in r]
+    out = []
+    if runs["records"]:
+        out.append(levers_table(runs, recipe, method="budgeted-combo"))
+        for d, b in sorted({(r["dataset"], r["budget"]) for r in runs["records"]}):
+            v = [r["test_acc"] for r in recipe if r["method"] == "budgeted-combo" and (r["dataset"], r["budget"]) == (d, b)]
+            if v:
+                out.append(f"* recipe v2 (`budgeted-combo`), {d} at {b:,} queries, every seed: {_cell(v)} "
+                           f"({len(v)} seeds, {min(v):.2f} to {max(v):.2f})")
+    if ens:
+        lines = ["", "```bash", *dict.fromkeys(r["command"] for r in ens), "```", "",
+                 "| run | data | labelled images | fresh students | each (%) | their mean (%) | ensemble (%) | "
+                 "ensemble fidelity (%) |", "|---|---|---:|---:|---|---:|---:|---:|"]
+        for r in ens:
+            lines.append(f"| `{r['method']}` | {r['dataset']} | {r['budget']:,} | {len(r['members'])} | "
+                         f"{', '.join(f'{m:.2f}' for m in r['members'])} | {_cell(r['members'])} | "
+                         f"{r['test_acc']:.2f} | {r['fidelity']:.2f} |")
+        out.append("\n".join(lines))
+    return "\n".join(out)
 
 
 def paired_table(doc: dict, recipe: str = "budgeted") -> str:
@@ -364,6 +391,10 @@ def blocks() -> dict[Path, list[tuple[str, str]]]:
     if (RESULTS / "levers.json").exists() and (RESULTS / "budget.json").exists():
         recipe = json.loads((RESULTS / "budget.json").read_text())["records"]
         out[RESULTS / "levers.md"].append(("levers", levers_table(json.loads((RESULTS / "levers.json").read_text()),
+                                                                  recipe)))
+    if (RESULTS / "priors.json").exists() and (RESULTS / "budget-retrained-teacher.json").exists():
+        recipe = json.loads((RESULTS / "budget-retrained-teacher.json").read_text())["records"]
+        out[RESULTS / "levers.md"].append(("priors", priors_table(json.loads((RESULTS / "priors.json").read_text()),
                                                                   recipe)))
     if (RESULTS / "invariance.json").exists():
         out[ROOT / "docs" / "budget.md"].append(("invariance",
