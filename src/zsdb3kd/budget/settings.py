@@ -21,8 +21,8 @@ that measured ahead of it on average: handwriting-like ``curves`` in the candida
 (half of each batch blended with another of its images, the labels blended alike),
 ``weight_decay = 5e-4`` and a freshly initialised final student (``final_fresh``) trained for
 ``final_epochs = 120``. Paired by seed with v1 they were ahead at every budget measured
-(Fashion-MNIST +1.9 to +5.2 points, ten of ten seeds at 10,000 queries; MNIST +2.0 at 20,000;
-docs/budget.md). ``V1`` restores the first recipe. Off by default, on request:
+(Fashion-MNIST +0.4 to +2.8 points up to 20,000 queries, ten of ten seeds at 10,000; MNIST +2.0
+at 20,000) and level at 50,000 (77.4% over three seeds, v1 77.4-77.8%; docs/budget.md). ``V1`` restores the first recipe. Off by default, on request:
 ``acquisition = "committee"`` (the student and its snapshot of one round earlier) and
 ``rare_boost`` (more queries for the classes the teacher has given least), measured level
 (docs/budget.md).
