@@ -90,9 +90,11 @@ def test_priors_pair_with_recipe_v2_and_show_every_ensemble_member():
                                       "test_acc": acc, "threads": 1, "command": f"cmd {m}", **kw}
     recipe = [rec("budgeted-combo", 0, 70.0), rec("budgeted-combo", 1, 74.0), rec("budgeted", 0, 10.0)]
     doc = {"records": [rec("stretch", 0, 71.5), rec("stretch", 2, 80.0),
-                       rec("ensemble", 0, 75.0, members=[72.0, 74.0], fidelity=77.0, threads=2)]}
+                       rec("ensemble", 0, 75.0, members=[72.0, 74.0], fidelity=77.0, threads=2),
+                       rec("kd", 0, 71.0, members=[72.0, 74.0], ensemble_acc=75.0, fidelity=73.0)]}
     text = _pages_module().priors_table(doc, recipe)
     assert "| `stretch` | d | 100 | 0 | 71.50 |  | 70.00 | +1.50 |" in text  # v2's seed 0, not v1's
     assert "| `stretch` | d | 100 | 2 | 80.00 |  |  |  |" in text  # no v2 run of seed 2: no pair
     assert "every seed: 72.00 ± 2.83 (2 seeds, 70.00 to 74.00)" in text
-    assert "| `ensemble` | d | 100 | 2 | 72.00, 74.00 | 73.00 ± 1.41 | 75.00 | 77.00 |" in text
+    assert "| `ensemble` | d | 100 | 2 | 72.00, 74.00 | 73.00 ± 1.41 | 75.00 |  | 77.00 |" in text
+    assert "| `kd` | d | 100 | 2 | 72.00, 74.00 | 73.00 ± 1.41 | 75.00 | 71.00 | 73.00 |" in text
