@@ -202,20 +202,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataError
     from .experiment.jobs import PlanOnly
     from .oracle import OracleError, QueryBudgetExceeded
-    from .parallel import finish, init_from_env, is_main
+    from .parallel import exit_rank, finish, init_from_env, is_main
     from .synthesis import SynthesisError
     from .weights import WeightsError
 
     restore = sigterm_interrupts() if args.command != "serve" else None  # serve stops on SIGTERM its own way
+    ranks = False
     try:
-        init_from_env(getattr(args, f"{Common.__name__}__device", "cpu"))
+        ranks = init_from_env(getattr(args, f"{Common.__name__}__device", "cpu"))
         with contextlib.nullcontext() if is_main() else contextlib.redirect_stdout(io.StringIO()):
             status = _COMMANDS[args.command](args)  # under torchrun only rank 0 reports
         finish()
+        if ranks:
+            exit_rank(status)
         return status
     except PlanOnly as e:
         finish()
         print(e)
+        if ranks:
+            exit_rank(0)
         return 0
     except (DataError, WeightsError, QueryBudgetExceeded, SynthesisError, FileNotFoundError, ValueError,
             OracleError, ImportError) as e:  # ConfigError is a ValueError
