@@ -6,6 +6,10 @@ distance (with the [0, 1] box) is a small quadratic programme solved by scipy.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +18,20 @@ from torch import nn
 from zsdb3kd.oracle import TorchOracle
 
 SHAPE = (1, 8, 8)
+
+
+def load_script(name: str, path: Path):
+    """The module of a script outside the package (benchmarks/, scripts/), with its own folder
+    importable while it loads (a benchmark imports its neighbours)."""
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(path.parent))
+
 D = 64
 K = 4
 

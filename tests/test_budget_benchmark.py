@@ -5,30 +5,19 @@ when a cell is saved, and the results pages pair only runs of the same teacher."
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(path.parent))
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return _load("budget_bench", ROOT / "benchmarks" / "budget.py")
+    return load_script("budget_bench", ROOT / "benchmarks" / "budget.py")
 
 
 def _rec(acc: float = 70.0, teacher_acc: float = 90.78, sha: str | None = None, dataset: str = "fashion-mnist",
@@ -74,7 +63,7 @@ def test_a_cell_of_another_teacher_is_not_saved(bench, tmp_path):
 
 
 def test_the_pages_pair_a_lever_only_with_the_recipe_of_the_same_teacher():
-    pages = _load("results_pages", ROOT / "scripts" / "results_pages.py")
+    pages = load_script("results_pages", ROOT / "scripts" / "results_pages.py")
     doc = {"records": [_rec(70.0, seed=0), _rec(74.0, seed=1, teacher_acc=91.36),
                        _rec(71.0, seed=0, method="budgeted-x"), _rec(90.0, seed=1, method="budgeted-x")]}
     rows = [line for line in pages.paired_table(doc).splitlines() if line.startswith("| fashion-mnist ")]

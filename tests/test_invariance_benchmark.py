@@ -3,27 +3,19 @@ transform; checked on teachers whose answers under each transform are known exac
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from zsdb3kd.oracle import TorchOracle
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _invariance():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("invariance", ROOT / "benchmarks" / "invariance.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return load_script("invariance", ROOT / "benchmarks" / "invariance.py")
 
 
 class Side(nn.Module):

@@ -3,8 +3,6 @@ ensemble mode refuses a folder that holds no finished run before training anythi
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,19 +10,13 @@ import torch
 
 from zsdb3kd.budget import candidates as C
 from zsdb3kd.store import generator
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _priors():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("priors", ROOT / "benchmarks" / "priors.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return load_script("priors", ROOT / "benchmarks" / "priors.py")
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 8, 12)])
