@@ -11,7 +11,8 @@
 #               sizes; profile-cuda.txt: where the host's time goes in the first one (torch.profiler)
 #   quick       throughput-{mbd,hybrid}.json: engine / raw at 2048:16384 only, MBD and hybrid
 #   http        throughput-http.json: the same through 'zsdb3kd serve --device cuda' on 127.0.0.1
-#   extract     extract-cuda.log: 'zsdb3kd extract' (the budgeted student, 50,000 queries), timed
+#   extract     extract-cuda.log: 'zsdb3kd extract' (the budgeted student, EXTRACT_BUDGET queries, default
+#               50,000, within EXTRACT_LIMIT seconds, default 240), timed
 #   budget      budget-gpu.json, cell-*.log: benchmarks/budget.py cells on the GPU, one process each, all
 #               at once; CELLS lists METHOD:BUDGET:SEED, CELL_LIMIT is each one's time limit (s)
 # Each step has its own time limit, so a failing step still leaves the others' results.
@@ -22,6 +23,8 @@ OUT=${OUT:-runs/cuda-check}
 STEPS=${STEPS:-tests throughput http extract}
 CELLS=${CELLS:-"budgeted:50000:0 budgeted:50000:1 budgeted:50000:2"}
 CELL_LIMIT=${CELL_LIMIT:-400}
+EXTRACT_BUDGET=${EXTRACT_BUDGET:-50000}
+EXTRACT_LIMIT=${EXTRACT_LIMIT:-240}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -52,10 +55,10 @@ for step in $STEPS; do
       --queries-per-pair 200 --configs 88:256 512:1024 --chunks 1 --batches --out "$OUT/throughput-http.json" 2>&1 \
       | grep -v '^robustness\[' ;;
   extract)
-    echo "== budgeted student, 50,000 queries, on the GPU"
+    echo "== budgeted student, $EXTRACT_BUDGET queries, on the GPU"
     start=$SECONDS
-    timeout 240 $PY -m zsdb3kd extract --teacher "$TEACHER" --data-root "$DATA" --budget 50000 --device cuda \
-      --out "$OUT/student-50k.safetensors" > "$OUT/extract-cuda.log" 2>&1
+    timeout "$EXTRACT_LIMIT" $PY -m zsdb3kd extract --teacher "$TEACHER" --data-root "$DATA" --budget "$EXTRACT_BUDGET" \
+      --device cuda --out "$OUT/student-$EXTRACT_BUDGET.safetensors" > "$OUT/extract-cuda.log" 2>&1
     echo "rc $? in $((SECONDS - start)) s"
     tail -4 "$OUT/extract-cuda.log" ;;
   budget)
