@@ -238,3 +238,32 @@ def test_zero_shot_run_of_budgeted_rows_synthesises_nothing(data_dir, teacher, t
     assert spy.queries == 300 + 150 + 150 and "synthesis" not in report  # teacher accuracy + the two rows
     assert {e[1] for e in spy.events if e[0] == "load"} == {"test"}  # never the training split
     assert "No real training data" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_time_left_is_the_latest_rounds_pace_applied_to_the_rounds_still_to_run(caplog):
+    """A round that spends 2 us per image-epoch training and 1 ms per query choosing predicts
+    exactly that for the rest; a slow first round (a GPU's warm-up) does not weigh on later
+    estimates; the last round says nothing of time left."""
+    from zsdb3kd.budget import BudgetSettings
+    from zsdb3kd.budget.settings import plan_rounds
+    from zsdb3kd.experiment.extract import RoundLog
+
+    s = BudgetSettings(rounds=3, init_fraction=0.4, epochs_per_round=5, final_epochs=100)
+    plan = plan_rounds(1000, 3, 0.4)
+    assert plan == [400, 200, 200, 200]
+    work = [400 * 5, 600 * 5, 800 * 5, 1000 * 100]  # image-epochs per round
+    log = RoundLog("t", 1000, s)
+
+    def entry(r: int, train_pace: float, choose_pace: float) -> dict:
+        return {"round": r, "total_queries": sum(plan[:r + 1]), "agreement_held_out": 50.0,
+                "train_s": train_pace * work[r], "choose_s": choose_pace * plan[r]}
+
+    exact = 2e-6 * (work[2] + work[3]) + 1e-3 * (plan[2] + plan[3])
+    assert log.seconds_left(entry(1, 2e-6, 1e-3)) == pytest.approx(exact)
+    assert log.seconds_left(entry(0, 2e-4, 1e-1)) == pytest.approx(100 * (2e-6 * sum(work[1:]) + 1e-3 * 600))
+    with caplog.at_level("INFO", logger="zsdb3kd"):
+        log(entry(1, 2e-6, 1e-3), 4)
+        log(entry(3, 2e-6, 1e-3), 4)
+    first, last = [r.getMessage() for r in caplog.records]
+    assert "round 2/4: 600/1,000 queries" in first and f"~{exact:.0f} s left" in first
+    assert "round 4/4" in last and "left" not in last

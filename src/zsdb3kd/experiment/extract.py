@@ -47,22 +47,29 @@ def recipe(kind: str, settings: BudgetSettings) -> BudgetSettings:
 
 
 class RoundLog:
-    """Logs each round: queries so far, held-out agreement, time, and the time left, estimated
-    from the training work still to do (images x epochs of the remaining rounds)."""
+    """Logs each round: queries so far, held-out agreement, time, and the time left. The time
+    left is the latest round's pace applied to the rounds still to run: its training seconds per
+    image-epoch times their image-epochs, plus its choosing-and-asking seconds per query times
+    their queries. One round's pace, not the run's average, so a slow start (a GPU's warm-up, a
+    resumed run's loading) is not extrapolated to the end."""
 
     def __init__(self, what: str, budget: int, settings: BudgetSettings) -> None:
         self.what, self.budget, self.t0 = what, budget, time.perf_counter()
-        plan = plan_rounds(budget, settings.rounds, settings.init_fraction)
-        epochs = [settings.epochs_per_round] * (len(plan) - 1) + [settings.final_epochs]
-        self.work = [n * e + q for n, e, q in zip(accumulate(plan), epochs, plan)]  # + choosing, ~1 pass
-        self.first: int | None = None  # the first round this process ran (a resumed run skips some)
+        self.plan = plan_rounds(budget, settings.rounds, settings.init_fraction)
+        epochs = [settings.epochs_per_round] * (len(self.plan) - 1) + [settings.final_epochs]
+        self.train_work = [n * e for n, e in zip(accumulate(self.plan), epochs)]  # image-epochs per round
+
+    def seconds_left(self, entry: dict) -> float:
+        """The estimate after round ``entry["round"]``, from that round's ``train_s`` and ``choose_s``."""
+        r = entry["round"]
+        train_pace = entry["train_s"] / max(self.train_work[r], 1)
+        choose_pace = entry["choose_s"] / max(self.plan[r], 1)
+        return sum(train_pace * w + choose_pace * q for w, q in zip(self.train_work[r + 1:], self.plan[r + 1:]))
 
     def __call__(self, entry: dict, rounds: int) -> None:
         r, spent = entry["round"], entry["total_queries"]
         elapsed = time.perf_counter() - self.t0
-        self.first = r if self.first is None else self.first
-        done, left = sum(self.work[self.first:r + 1]), sum(self.work[r + 1:])
-        eta = f", ~{elapsed / max(done, 1) * left:.0f} s left" if left else ""
+        eta = f", ~{self.seconds_left(entry):.0f} s left" if r + 1 < len(self.plan) else ""
         agree = entry["agreement_held_out"]
         log.info(f"{self.what}: round {r + 1}/{rounds}: {spent:,}/{self.budget:,} queries, held-out "
                  f"agreement {'-' if agree is None else f'{agree:.1f}%'}, {elapsed:.0f} s{eta}")
