@@ -75,6 +75,11 @@ ABLATIONS = {
     "-one-round": {"rounds": 0},
     "-off": None,  # every ingredient off, same training steps: zsdb3kd.experiment.extract.recipe("random")
     "-v1": V1,  # the first recipe, the defaults until 2026-12-04
+    # recipe v2's own levers, one off each (the ablations of the defaults since 2026-12-04)
+    "-no-mixup": {"mixup": 0.0},
+    "-no-curves": {"candidates": V1["candidates"]},
+    "-no-fresh": {"final_fresh": False},  # the final 120 epochs continue the round-trained student
+    "-no-wd": {"weight_decay": 0.0},
     # levers (not ablations): one change each against the defaults (v1 when they were measured)
     "-mixup": {"mixup": 0.5},
     "-dip-mix": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "dip": 2.0}},
