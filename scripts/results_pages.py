@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
+BUDGET_BENCHMARK = ROOT / "benchmarks" / "budget.py"  # its ABLATIONS say what each budgeted-<x> row changed
 
 #: published hard-label, data-free numbers (quoted, not run here): dataset -> (method, budget, accuracy)
 QUOTED = {
@@ -105,7 +106,8 @@ def recipe_of(doc: dict) -> str:
 
 
 RECIPE_NOTE = {"v1": "recipe v1, the defaults until 2026-12-04 (`budgeted-v1` now); each `budgeted-<lever>` "
-                     "row is v1 with that one change",
+                     "row is one change to the recipe its pair below names (`against`: `budgeted`, v1, or "
+                     "`budgeted-combo`, v2)",
                "v2": "recipe v2, the defaults since 2026-12-04 (`budgeted-combo` names the same settings)"}
 
 
@@ -344,24 +346,54 @@ def priors_table(doc: dict, recipe: list[dict]) -> str:
     return "\n".join(out)
 
 
-def paired_table(doc: dict, recipe: str = "budgeted") -> str:
-    """Every ``budgeted-<x>`` row of budget.json beside the recipe on the same dataset, budget
-    and seed: only pairs run on the same number of threads (another thread count buys other
-    images) and with the same teacher, so a lever's gain is not confused with the spread between seeds."""
-    base = {_pair_key(r): r["test_acc"] for r in doc["records"] if r["method"] == recipe}
+def _ablations() -> dict:
+    """benchmarks/budget.py's ``ABLATIONS``: method suffix -> the settings it changes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_budget_benchmark", BUDGET_BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ABLATIONS
+
+
+def against(r: dict, ablations: dict) -> str:
+    """The row a ``budgeted-<x>`` record is paired with: ``budgeted-combo`` when its settings are
+    recipe v2 with ``<x>``'s change (an ablation or lever measured while v2 was the default),
+    else ``budgeted`` (recipe v1 with it, or a record that predates the settings keys)."""
+    from zsdb3kd.budget import V1, BudgetSettings
+
+    change = ablations.get(r["method"][len("budgeted"):])
+    if r.get("settings_key") is None or r["method"] == "budgeted-combo" or change is None:
+        return "budgeted"
+    on_v1, on_v2 = BudgetSettings(**V1).replace(**change).key(), BudgetSettings().replace(**change).key()
+    return "budgeted-combo" if r["settings_key"] == on_v2 != on_v1 else "budgeted"
+
+
+def paired_table(doc: dict) -> str:
+    """Every ``budgeted-<x>`` row of a budget grid beside the recipe it changes (:func:`against`)
+    on the same dataset, budget and seed: only pairs run on the same number of threads (another
+    thread count buys other images) and with the same teacher, so a lever's gain is not confused
+    with the spread between seeds."""
+    ablations = _ablations()
+    base = {(r["method"], *_pair_key(r)): r["test_acc"] for r in doc["records"]
+            if r["method"] in ("budgeted", "budgeted-combo")}
     diffs: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for r in doc["records"]:
-        b = base.get(_pair_key(r))
-        if r["method"].startswith(recipe + "-") and b is not None:
-            diffs[(r["dataset"], r["budget"], r["method"])].append((r["test_acc"], b))
+        if not r["method"].startswith("budgeted-"):
+            continue
+        ref = against(r, ablations)
+        b = base.get((ref, *_pair_key(r)))
+        if b is not None and ref != r["method"]:
+            diffs[(r["dataset"], r["budget"], r["method"], ref)].append((r["test_acc"], b))
     if not diffs:
         return ""
-    lines = [f"| data | queries | lever | seeds | lever (%) | `{recipe}`, same seeds (%) | difference (points) | "
-             "lever ahead |", "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for (d, b, m), v in sorted(diffs.items(), key=lambda kv: (kv[0][0], kv[0][1], _method_order(kv[0][2]), kv[0][2])):
-        lever, ref = [a for a, _ in v], [c for _, c in v]
+    lines = ["| data | queries | lever | against | seeds | lever (%) | against, same seeds (%) | difference (points) | "
+             "lever ahead |", "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    order = lambda kv: (kv[0][0], kv[0][1], kv[0][3], _method_order(kv[0][2]), kv[0][2])  # noqa: E731
+    for (d, b, m, ref), v in sorted(diffs.items(), key=order):
+        lever, refs = [a for a, _ in v], [c for _, c in v]
         gap = [a - c for a, c in v]
-        lines.append(f"| {d} | {b:,} | `{m}` | {len(v)} | {_cell(lever)} | {_cell(ref)} | "
+        lines.append(f"| {d} | {b:,} | `{m}` | `{ref}` | {len(v)} | {_cell(lever)} | {_cell(refs)} | "
                      f"{statistics.mean(gap):+.2f}{f' ± {statistics.stdev(gap):.2f}' if len(gap) > 1 else ''} | "
                      f"{sum(g > 0 for g in gap)} of {len(gap)} |")
     return "\n".join(lines)

@@ -67,7 +67,7 @@ def test_the_pages_pair_a_lever_only_with_the_recipe_of_the_same_teacher():
     doc = {"records": [_rec(70.0, seed=0), _rec(74.0, seed=1, teacher_acc=91.36),
                        _rec(71.0, seed=0, method="budgeted-x"), _rec(90.0, seed=1, method="budgeted-x")]}
     rows = [line for line in pages.paired_table(doc).splitlines() if line.startswith("| fashion-mnist ")]
-    assert rows == ["| fashion-mnist | 10,000 | `budgeted-x` | 1 | 71.00 | 70.00 | +1.00 | 1 of 1 |"]
+    assert rows == ["| fashion-mnist | 10,000 | `budgeted-x` | `budgeted` | 1 | 71.00 | 70.00 | +1.00 | 1 of 1 |"]
 
 
 def test_a_cell_of_another_recipe_under_the_same_name_is_not_saved(bench, tmp_path):

@@ -67,7 +67,27 @@ def test_levers_are_paired_with_the_recipe_seed_by_seed_on_the_same_thread_count
                        rec("random", 0, 50.0)]}
     rows = [line for line in _pages_module().paired_table(doc).splitlines() if line.startswith("| d ")]
     # seed 2 ran on another thread count: not a pair; random is not a lever of the recipe
-    assert rows == ["| d | 100 | `budgeted-x` | 2 | 72.00 ± 1.41 | 72.00 ± 2.83 | +0.00 ± 1.41 | 1 of 2 |"]
+    assert rows == ["| d | 100 | `budgeted-x` | `budgeted` | 2 | 72.00 ± 1.41 | 72.00 ± 2.83 | +0.00 ± 1.41 | 1 of 2 |"]
+
+
+def test_an_ablation_of_recipe_v2_is_paired_with_v2_and_a_lever_of_v1_with_v1():
+    """The settings key says which recipe a ``budgeted-<x>`` row changed: ``-mixup`` measured on v1
+    pairs with ``budgeted`` (v1), ``-no-mixup`` measured on v2 with ``budgeted-combo``, and v2 itself
+    (``budgeted-combo``) with v1."""
+    from zsdb3kd.budget import V1, BudgetSettings
+
+    v1, v2 = BudgetSettings(**V1), BudgetSettings()
+    rec = lambda m, acc, settings: {"dataset": "d", "budget": 100, "method": m, "seed": 0,  # noqa: E731
+                                    "test_acc": acc, "threads": 1, "settings_key": settings.key()}
+    doc = {"records": [rec("budgeted", 70.0, v1), rec("budgeted-combo", 74.0, v2),
+                       rec("budgeted-mixup", 71.0, v1.replace(mixup=0.5)),
+                       rec("budgeted-no-mixup", 72.5, v2.replace(mixup=0.0))]}
+    pages = _pages_module()
+    assert pages.against(doc["records"][3], pages._ablations()) == "budgeted-combo"
+    rows = [line for line in pages.paired_table(doc).splitlines() if line.startswith("| d ")]
+    assert rows == ["| d | 100 | `budgeted-combo` | `budgeted` | 1 | 74.00 | 70.00 | +4.00 | 1 of 1 |",
+                    "| d | 100 | `budgeted-mixup` | `budgeted` | 1 | 71.00 | 70.00 | +1.00 | 1 of 1 |",
+                    "| d | 100 | `budgeted-no-mixup` | `budgeted-combo` | 1 | 72.50 | 74.00 | -1.50 | 0 of 1 |"]
 
 
 def test_each_budget_table_says_which_recipe_its_budgeted_rows_ran():
