@@ -240,12 +240,13 @@ def test_zero_shot_run_of_budgeted_rows_synthesises_nothing(data_dir, teacher, t
     assert "No real training data" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_time_left_is_the_latest_rounds_pace_applied_to_the_rounds_still_to_run(caplog):
+def test_time_left_is_the_latest_rounds_pace_applied_to_the_rounds_still_to_run(monkeypatch):
     """A round that spends 2 us per image-epoch training and 1 ms per query choosing predicts
     exactly that for the rest; a slow first round (a GPU's warm-up) does not weigh on later
     estimates; the last round says nothing of time left."""
     from zsdb3kd.budget import BudgetSettings
     from zsdb3kd.budget.settings import plan_rounds
+    from zsdb3kd.experiment import extract
     from zsdb3kd.experiment.extract import RoundLog
 
     s = BudgetSettings(rounds=3, init_fraction=0.4, epochs_per_round=5, final_epochs=100)
@@ -261,9 +262,33 @@ def test_time_left_is_the_latest_rounds_pace_applied_to_the_rounds_still_to_run(
     exact = 2e-6 * (work[2] + work[3]) + 1e-3 * (plan[2] + plan[3])
     assert log.seconds_left(entry(1, 2e-6, 1e-3)) == pytest.approx(exact)
     assert log.seconds_left(entry(0, 2e-4, 1e-1)) == pytest.approx(100 * (2e-6 * sum(work[1:]) + 1e-3 * 600))
-    with caplog.at_level("INFO", logger="zsdb3kd"):
-        log(entry(1, 2e-6, 1e-3), 4)
-        log(entry(3, 2e-6, 1e-3), 4)
-    first, last = [r.getMessage() for r in caplog.records]
+    said: list[str] = []
+    monkeypatch.setattr(extract, "log", type("Log", (), {"info": staticmethod(said.append)}))
+    log(entry(1, 2e-6, 1e-3), 4)
+    log(entry(3, 2e-6, 1e-3), 4)
+    first, last = said
     assert "round 2/4: 600/1,000 queries" in first and f"~{exact:.0f} s left" in first
     assert "round 4/4" in last and "left" not in last
+
+
+def test_the_plan_counts_every_training_step_of_the_run_and_times_them_before_any_query(teacher, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """--plan prints the run's training steps and their time here; the run then trains exactly
+    that many steps (summed over its rounds' logs); planning asks the teacher nothing."""
+    from zsdb3kd.budget import BudgetSettings, plan_rounds
+    from zsdb3kd.budget.train import planned_steps
+
+    spy = Spy(monkeypatch)
+    out = tmp_path / "s.safetensors"
+    args = ["extract", "--teacher", str(teacher), "--budget", "777", "--no-evaluate", "--out", str(out), *FAST]
+    assert main([*args, "--plan"]) == 0
+    plan_text = capsys.readouterr().out
+    assert spy.queries == 0 and not out.exists()
+    assert main(args) == 0
+    metrics = json.loads(Path(f"{out}.json").read_text())
+    steps = sum(entry["steps"] for entry in metrics["rounds"])
+    settings = BudgetSettings(**metrics["settings"])
+    planned = planned_steps(plan_rounds(777, settings.rounds, settings.init_fraction), settings)
+    # the held-out share is drawn image by image, so the plan counts its expected size
+    assert steps > 0 and abs(planned - steps) <= 0.03 * steps
+    assert f"; about {planned:,} training steps, " in plan_text and " ms each" in plan_text

@@ -56,7 +56,7 @@ def fit(student: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, s: 
     opt = torch.optim.Adam(student.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     weights = (1.0 / torch.bincount(y, minlength=num_classes).float().clamp_min(1))[y]
     student.train()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed where the loss is: not read back every step
     for step in range(steps):
         if cosine:
             for group in opt.param_groups:
@@ -79,9 +79,36 @@ def fit(student: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, s: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += float(loss.detach())
+        total += loss.detach().double()
     student.eval()
-    return {"steps": steps, "loss": round(total / steps, 4)}
+    return {"steps": steps, "loss": round(float(total) / steps, 4)}
+
+
+def planned_steps(plan: list[int], s: BudgetSettings) -> int:
+    """Training steps of a run whose rounds ask ``plan`` queries: every round trains on all
+    labelled images so far less the held-out share (at its expected size: it is drawn image by
+    image), the last for ``final_epochs``."""
+    epochs = [s.epochs_per_round] * (len(plan) - 1) + [s.final_epochs]
+    steps, labelled = 0, 0
+    for q, e in zip(plan, epochs):
+        labelled += q
+        steps += int(math.ceil(e * labelled * (1 - s.val_fraction) / s.batch_size))
+    return steps
+
+
+def seconds_per_step(student: nn.Module, shape: tuple[int, ...], num_classes: int, s: BudgetSettings,
+                     device: torch.device, steps: int = 8) -> float:
+    """Wall time of one training step of ``student`` on this machine, measured on random images
+    (after two warm-up steps; the student's weights change, so pass a throwaway copy)."""
+    import time
+
+    g = torch.Generator().manual_seed(0)  # its own stream: the run's random numbers are untouched
+    x = torch.rand(s.batch_size, *shape, generator=g)
+    y = torch.arange(s.batch_size) % num_classes
+    fit(student, x, y, 2.0, s, g, num_classes, device, cosine=False)  # warm-up
+    t0 = time.perf_counter()
+    fit(student, x, y, float(steps), s, g, num_classes, device, cosine=False)
+    return (time.perf_counter() - t0) / steps
 
 
 def agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float | None:

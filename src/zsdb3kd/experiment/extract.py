@@ -17,15 +17,19 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..budget import BudgetSettings, build_student, plan_rounds, train_budgeted
+from ..budget.train import planned_steps, seconds_per_step
 from ..data import DataSettings, ImageSet
 from ..distill import accuracy
+from ..models import on_device
 from ..oracle import LabelOracle, TeacherSpec, load_oracle
 from ..parallel import all_gather, is_main, split_budget
 from ..settings import ConfigError, content_key
 from ..store import environment, write_json
 from ..weights import save_weights
-from .jobs import check_plan
+from .jobs import check_plan, duration
 
 log = logging.getLogger("zsdb3kd")
 
@@ -86,6 +90,17 @@ def check_inputs(oracle: LabelOracle, student: str, data: ImageSet | None, pool:
         raise ConfigError(f"the pool has {len(pool):,} images, fewer than the budget of {budget:,} queries")
 
 
+def training_plan(student: str, oracle: LabelOracle, budget: int, settings: BudgetSettings, device: str) -> str:
+    """The plan's training, in words: its steps and their time on this machine, from a few steps
+    of a throwaway student timed on random images (the students' training is most of a run's
+    time: the teacher is asked once per image)."""
+    steps = planned_steps(plan_rounds(budget, settings.rounds, settings.init_fraction), settings)
+    shape = tuple(oracle.input_shape)
+    throwaway = on_device(build_student(student, oracle.num_classes, shape, 0), device)
+    pace = seconds_per_step(throwaway, shape, oracle.num_classes, settings, torch.device(device))
+    return f"; about {steps:,} training steps, {duration(steps * pace)} here at {pace * 1000:.1f} ms each"
+
+
 def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.PathLike, *,
                 settings: BudgetSettings | None = None, data: DataSettings | None = None, pool: bool = False,
                 evaluate: bool = True, seed: int = 0, work_dir: str | os.PathLike | None = None, device: str = "cpu",
@@ -112,7 +127,7 @@ def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.P
                               f"{'x'.join(map(str, want))}: pass --data (and --data-root) for the teacher's own test "
                               "images, or --no-evaluate")
     check_plan(f"extract {student} ({'real unlabelled pool' if pool else 'zero-shot'})", budget, query_budget,
-               plan_only)
+               plan_only, also=training_plan(student, oracle, budget, settings, device))
     work = Path(work_dir) if work_dir is not None else Path(f"{out}.work")
     res = train_budgeted(oracle, student, budget, settings, seed=seed, pool=None if images is None else images.x,
                          work_dir=work, device=device, progress=RoundLog("extract", budget, settings))

@@ -36,13 +36,18 @@ class PlanOnly(Exception):
     """Raised by a job asked for its plan only (``--plan``); carries the plan's text."""
 
 
-def check_plan(what: str, planned: int, query_budget: int | None, plan_only: bool) -> None:
-    """Log (or, with ``plan_only``, raise :class:`PlanOnly` with) the planned queries; refuse a
-    plan the budget cannot cover, or a huge one nobody confirmed, before anything is spent."""
-    seconds = planned / TYPICAL_RATE
-    when = (f"about {seconds / 3600:.1f} h" if seconds >= 3600 else f"about {round(seconds / 60)} min"
+def duration(seconds: float) -> str:
+    """``seconds`` in words: "about 2.5 h", "about 7 min", "under a minute"."""
+    return (f"about {seconds / 3600:.1f} h" if seconds >= 3600 else f"about {round(seconds / 60)} min"
             if seconds >= 60 else "under a minute")
-    text = f"{what}: at most {planned:,} teacher queries ({when} at ~{TYPICAL_RATE:,} queries/s)"
+
+
+def check_plan(what: str, planned: int, query_budget: int | None, plan_only: bool, also: str = "") -> None:
+    """Log (or, with ``plan_only``, raise :class:`PlanOnly` with) the planned queries (and
+    ``also``, more of the plan); refuse a plan the budget cannot cover, or a huge one nobody
+    confirmed, before anything is spent."""
+    when = duration(planned / TYPICAL_RATE)
+    text = f"{what}: at most {planned:,} teacher queries ({when} at ~{TYPICAL_RATE:,} queries/s){also}"
     if plan_only:
         raise PlanOnly(text)
     if query_budget is not None and planned > query_budget:
