@@ -84,6 +84,13 @@ def fit(student: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, s: 
     return {"steps": steps, "loss": round(float(total) / steps, 4)}
 
 
+def agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float | None:
+    """Percent of ``x`` on which ``model`` gives the label ``y`` (``None`` for no images)."""
+    if x.shape[0] == 0:
+        return None
+    return float((predict(model, x.to(device)).argmax(1).cpu() == y).float().mean() * 100)
+
+
 def planned_steps(plan: list[int], s: BudgetSettings) -> int:
     """Training steps of a run whose rounds ask ``plan`` queries: every round trains on all
     labelled images so far less the held-out share (at its expected size: it is drawn image by
@@ -96,23 +103,16 @@ def planned_steps(plan: list[int], s: BudgetSettings) -> int:
     return steps
 
 
-def seconds_per_step(student: nn.Module, shape: tuple[int, ...], num_classes: int, s: BudgetSettings,
-                     device: torch.device, steps: int = 8) -> float:
-    """Wall time of one training step of ``student`` on this machine, measured on random images
-    (after two warm-up steps; the student's weights change, so pass a throwaway copy)."""
+def seconds_per_step(student: nn.Module, x: torch.Tensor, num_classes: int, s: BudgetSettings,
+                     device: torch.device, steps: int = 16) -> float:
+    """Wall time of one training step of ``student`` on this machine, on images like the run's
+    ``x`` (their content moves the time: mostly dark images train faster than noise), after four
+    warm-up steps. The student's weights change: pass a throwaway copy."""
     import time
 
     g = torch.Generator().manual_seed(0)  # its own stream: the run's random numbers are untouched
-    x = torch.rand(s.batch_size, *shape, generator=g)
-    y = torch.arange(s.batch_size) % num_classes
-    fit(student, x, y, 2.0, s, g, num_classes, device, cosine=False)  # warm-up
+    y = torch.arange(x.shape[0]) % num_classes
+    fit(student, x, y, 4.0 * s.batch_size / x.shape[0], s, g, num_classes, device, cosine=False)  # warm-up
     t0 = time.perf_counter()
-    fit(student, x, y, float(steps), s, g, num_classes, device, cosine=False)
+    fit(student, x, y, float(steps) * s.batch_size / x.shape[0], s, g, num_classes, device, cosine=False)
     return (time.perf_counter() - t0) / steps
-
-
-def agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float | None:
-    """Percent of ``x`` on which ``model`` gives the label ``y`` (``None`` for no images)."""
-    if x.shape[0] == 0:
-        return None
-    return float((predict(model, x.to(device)).argmax(1).cpu() == y).float().mean() * 100)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..budget import BudgetSettings, build_student, plan_rounds, train_budgeted
+from ..budget.candidates import synthesize
 from ..budget.train import planned_steps, seconds_per_step
 from ..data import DataSettings, ImageSet
 from ..distill import accuracy
@@ -90,14 +91,19 @@ def check_inputs(oracle: LabelOracle, student: str, data: ImageSet | None, pool:
         raise ConfigError(f"the pool has {len(pool):,} images, fewer than the budget of {budget:,} queries")
 
 
-def training_plan(student: str, oracle: LabelOracle, budget: int, settings: BudgetSettings, device: str) -> str:
+def training_plan(student: str, oracle: LabelOracle, budget: int, settings: BudgetSettings, device: str,
+                  pool: ImageSet | None) -> str:
     """The plan's training, in words: its steps and their time on this machine, from a few steps
-    of a throwaway student timed on random images (the students' training is most of a run's
-    time: the teacher is asked once per image)."""
+    of a throwaway student timed on images like the run's (fresh candidates, or the pool's first
+    images; no query): the students' training is most of a run's time."""
     steps = planned_steps(plan_rounds(budget, settings.rounds, settings.init_fraction), settings)
     shape = tuple(oracle.input_shape)
+    n = 4 * settings.batch_size
+    x = pool.x[:n] if pool is not None else synthesize(n, shape, torch.Generator().manual_seed(0),
+                                                        settings.candidates, deform_p=settings.deform_p,
+                                                        cutmix_p=settings.cutmix_p)
     throwaway = on_device(build_student(student, oracle.num_classes, shape, 0), device)
-    pace = seconds_per_step(throwaway, shape, oracle.num_classes, settings, torch.device(device))
+    pace = seconds_per_step(throwaway, x, oracle.num_classes, settings, torch.device(device))
     return f"; about {steps:,} training steps, {duration(steps * pace)} here at {pace * 1000:.1f} ms each"
 
 
@@ -127,7 +133,7 @@ def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.P
                               f"{'x'.join(map(str, want))}: pass --data (and --data-root) for the teacher's own test "
                               "images, or --no-evaluate")
     check_plan(f"extract {student} ({'real unlabelled pool' if pool else 'zero-shot'})", budget, query_budget,
-               plan_only, also=training_plan(student, oracle, budget, settings, device))
+               plan_only, also=training_plan(student, oracle, budget, settings, device, images))
     work = Path(work_dir) if work_dir is not None else Path(f"{out}.work")
     res = train_budgeted(oracle, student, budget, settings, seed=seed, pool=None if images is None else images.x,
                          work_dir=work, device=device, progress=RoundLog("extract", budget, settings))
