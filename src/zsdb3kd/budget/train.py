@@ -10,6 +10,7 @@ process after an interruption gives the same weights.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -108,8 +109,6 @@ def seconds_per_step(student: nn.Module, x: torch.Tensor, num_classes: int, s: B
     """Wall time of one training step of ``student`` on this machine, on images like the run's
     ``x`` (their content moves the time: mostly dark images train faster than noise), after four
     warm-up steps. The student's weights change: pass a throwaway copy."""
-    import time
-
     g = torch.Generator().manual_seed(0)  # its own stream: the run's random numbers are untouched
     y = torch.arange(x.shape[0]) % num_classes
     fit(student, x, y, 4.0 * s.batch_size / x.shape[0], s, g, num_classes, device, cosine=False)  # warm-up
