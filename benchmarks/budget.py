@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,9 @@ ABLATIONS = {
     "-no-curves": {"candidates": V1["candidates"]},
     "-no-fresh": {"final_fresh": False},  # the final 120 epochs continue the round-trained student
     "-no-wd": {"weight_decay": 0.0},
+    # levers against v2: more of the candidates are variations of labelled images
+    "-mutate75": {"mutate_fraction": 0.75},
+    "-mutate90": {"mutate_fraction": 0.9},
     # levers (not ablations): one change each against the defaults (v1 when they were measured)
     "-mixup": {"mixup": 0.5},
     "-dip-mix": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "dip": 2.0}},
@@ -197,11 +201,29 @@ def run_paper(oracle, student: str, budget: int, seed: int):
 
 
 def run_budgeted(oracle, student: str, budget: int, seed: int, overrides: dict, pool: torch.Tensor | None,
-                 device: str = "cpu"):
+                 device: str = "cpu", work_dir: Path | None = None, name: str = ""):
     from zsdb3kd.budget import BudgetSettings, train_budgeted
 
-    return train_budgeted(oracle, student, budget, BudgetSettings().replace(**overrides), seed=seed,
-                          pool=pool, device=device).student.cpu()
+    t0 = time.perf_counter()
+
+    def progress(entry: dict, rounds: int) -> None:
+        print(f"{name}: round {entry['round'] + 1}/{rounds}, {entry['total_queries']:,} queries, "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    res = train_budgeted(oracle, student, budget, BudgetSettings().replace(**overrides), seed=seed, pool=pool,
+                         device=device, work_dir=work_dir, progress=progress if name else None)
+    return res.student.cpu(), res.queries  # the whole run's queries, a resumed part included
+
+
+def cell_dir(root: str, key: tuple, recipe_key: str | None, ident: dict, device: str) -> Path | None:
+    """Where a budgeted cell keeps its resumable state (answers, students, training part way):
+    named by the cell, its recipe, its teacher, device and threads, so an interrupted benchmark
+    continues each cell where it stopped and never continues another's. ``None``: keep nothing."""
+    if not root:
+        return None
+    dataset, method, budget, seed = key
+    return Path(root) / (f"{dataset}-{method}-{budget}-s{seed}-{(recipe_key or '')[:12]}-"
+                         f"{ident['teacher_sha256'][:12]}-{device}-t{torch.get_num_threads()}")
 
 
 def run_reference(kind: str, data: DataSettings, teacher: Path, student: str, seed: int):
@@ -269,6 +291,9 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/budget.json")
     ap.add_argument("--device", default="cpu", help="where the teacher answers and the budgeted students train "
                     "(the other methods stay on the CPU); records of another device say so")
+    ap.add_argument("--work-dir", default="runs/bench-work",
+                    help="where budgeted cells keep their state while they run, so an interrupted benchmark "
+                         "resumes each cell part way (removed when the cell is saved; '' keeps nothing)")
     ap.add_argument("--data-root", nargs="*", default=[], metavar="NAME=DIR",
                     help="where a dataset's files are, e.g. fashion-mnist=/data/fmnist (default: the usual places)")
     args = ap.parse_args()
@@ -306,36 +331,44 @@ def main() -> None:
                         continue
                     oracle = TorchOracle.from_file(teacher, budget=budget,
                                                    device=args.device if kind in ("budgeted", "pool") else "cpu")
-                    t0 = time.perf_counter()
+                    t0, work, resumed = time.perf_counter(), None, False
                     if kind in ("all-labels", "whitebox-kd"):
                         model, spent = run_reference(kind, data, teacher, student, seed)
                     elif kind == "random":
                         model = run_random(oracle, student, budget, seed)
                     elif kind == "paper":
                         model = run_paper(oracle, student, budget, seed)
-                    elif kind in ("budgeted", "pool"):
+                    elif kind in ("budgeted", "pool", "pool-other"):
                         if kind == "pool" and pool is None:
                             pool = data.load("train").x  # images only: their labels are never read
-                        model = run_budgeted(oracle, student, budget, seed, overrides, pool if kind == "pool" else None,
-                                             args.device)
-                    elif kind == "pool-other":
-                        other = DATASETS[OTHER_POOL[name]][0].load("train").x  # another domain, labels never read
-                        model = run_budgeted(oracle, student, budget, seed, overrides, other)
+                        images = {"pool": pool, "budgeted": None}.get(kind)
+                        if kind == "pool-other":
+                            images = DATASETS[OTHER_POOL[name]][0].load("train").x  # another domain, labels never read
+                        work = cell_dir(args.work_dir, key, recipe_key, ident, args.device if kind != "pool-other"
+                                        else "cpu")
+                        resumed = work is not None and (work / "state.json").exists()
+                        model, spent = run_budgeted(oracle, student, budget, seed, overrides, images,
+                                             args.device if kind != "pool-other" else "cpu", work,
+                                             f"{name} {method}@{budget} seed {seed}")
                     if model is None:
                         print(f"{name} {method} {budget}: does not fit the budget, skipped", flush=True)
                         continue
-                    spent = oracle.queries if kind not in ("all-labels", "whitebox-kd") else spent
+                    if kind in ("random", "paper"):
+                        spent = oracle.queries
                     pred = predict(model, test.x).argmax(1)
                     rec = {"dataset": name, "method": method, "budget": budget, "seed": seed, "queries": spent,
                            "test_acc": round(accuracy(model, test.x, test.y), 2),
                            "fidelity": round(float((pred == t_pred).float().mean() * 100), 2),
                            **ident, **({"settings_key": recipe_key} if recipe_key else {}),
-                           "wall_s": round(time.perf_counter() - t0, 1),
+                           "wall_s": round(time.perf_counter() - t0, 1),  # this process's part
+                           **({"resumed": True} if resumed else {}),
                            "threads": torch.get_num_threads(), "command": doc["command"],
                            **({"device": args.device} if on_gpu and kind in ("budgeted", "pool") else {})}
                     assert budget is None or spent <= budget, rec
                     print(json.dumps(rec), flush=True)
                     doc = save_cell(out, rec, doc["command"])  # an interrupted benchmark keeps what it measured
+                    if work is not None:
+                        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,38 @@ def test_interrupted_while_training_replays_the_stored_answers(tmp_path, monkeyp
     assert bits(res.student) == bits(ref.student)
 
 
+def test_interrupted_part_way_through_training_continues_from_its_saved_step(tmp_path, monkeypatch):
+    from zsdb3kd.budget import train as T
+
+    ref = train_budgeted(oracle_for(SHAPE), "mlp", BUDGET, FAST)
+    total = sum(e["steps"] for e in ref.log)
+    assert ref.log[-1]["steps"] > 3
+    kill_at = total - 2  # the third-last step of the final training: two earlier ones were saved
+    monkeypatch.setattr(M, "SAVE_EVERY", 0.0)  # a save after every step
+    real, calls = T._step, {"n": 0}
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise Interrupt("killed while training")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_step", counted)
+    o1 = oracle_for(SHAPE)
+    with pytest.raises(Interrupt):
+        train_budgeted(o1, "mlp", BUDGET, FAST, work_dir=tmp_path)
+    last = len(ref.log) - 1
+    assert (tmp_path / f"training-{last}.pt").exists() and o1.queries == BUDGET
+    calls["n"] = 0
+    o2 = oracle_for(SHAPE)
+    res = train_budgeted(o2, "mlp", BUDGET, FAST, work_dir=tmp_path)
+    assert calls["n"] == total - (kill_at - 1)  # only the steps not saved are trained again
+    assert o2.queries == 0
+    assert bits(res.student) == bits(ref.student)
+    assert [e["loss"] for e in res.log] == [e["loss"] for e in ref.log]
+    assert not (tmp_path / f"training-{last}.pt").exists()  # removed once the round is kept
+
+
 def test_resume_refuses_other_settings(tmp_path):
     train_budgeted(oracle_for(SHAPE), "mlp", 60, FAST.replace(rounds=1), work_dir=tmp_path)
     for kw in ({"seed": 3}, {"settings": FAST.replace(rounds=2)}):

@@ -96,3 +96,26 @@ def test_a_bad_data_root_stops_before_any_teacher_or_cell(bench, monkeypatch, tm
     with pytest.raises(SystemExit, match="NAME=DIR"):
         bench.main()
     assert not (tmp_path / "none").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_each_budgeted_cell_resumes_from_its_own_folder(bench, tmp_path):
+    ident = {"teacher_sha256": "ab" * 32}
+    key = ("fashion-mnist", "budgeted", 10000, 0)
+    d = bench.cell_dir(str(tmp_path), key, "k" * 64, ident, "cpu")
+    assert d.parent == tmp_path and bench.cell_dir(str(tmp_path), key, "k" * 64, ident, "cpu") == d
+    others = [bench.cell_dir(str(tmp_path), ("fashion-mnist", "budgeted", 10000, 1), "k" * 64, ident, "cpu"),
+              bench.cell_dir(str(tmp_path), key, "j" * 64, ident, "cpu"),  # another recipe under the same name
+              bench.cell_dir(str(tmp_path), key, "k" * 64, {"teacher_sha256": "cd" * 32}, "cpu"),
+              bench.cell_dir(str(tmp_path), key, "k" * 64, ident, "cuda")]
+    assert len({d, *others}) == 5
+    assert bench.cell_dir("", key, "k" * 64, ident, "cpu") is None  # --work-dir '': nothing kept
+
+
+def test_a_resumed_cell_reports_the_whole_runs_queries(bench, tmp_path):
+    from test_budget import FAST, SHAPE, oracle_for
+
+    first = oracle_for(SHAPE)
+    bench.run_budgeted(first, "mlp", 120, 0, FAST.model_dump(), None, work_dir=tmp_path)
+    again = oracle_for(SHAPE)
+    model, spent = bench.run_budgeted(again, "mlp", 120, 0, FAST.model_dump(), None, work_dir=tmp_path, name="cell")
+    assert first.queries == 120 and again.queries == 0 and spent == 120

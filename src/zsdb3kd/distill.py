@@ -33,7 +33,7 @@ from .models import on_device
 from .parallel import all_sum, broadcast, broadcast_buffers, world
 from .progress import QueryProgress
 from .settings import Settings
-from .store import atomic_write
+from .store import TrainingCheckpoint
 
 log = logging.getLogger("zsdb3kd")
 
@@ -200,7 +200,7 @@ def train(
     history: list[dict[str, float]] = []
     start, elapsed_before = 0, 0.0
     probe = slice(0, min(N, 256))  # a cheap fingerprint of the data: same size is not same data
-    ckpt = _Checkpoint(checkpoint, {"config": config.key(), "seed": seed, "samples": N, "shape": list(x.shape[1:]),
+    ckpt = TrainingCheckpoint(checkpoint, {"config": config.key(), "seed": seed, "samples": N, "shape": list(x.shape[1:]),
                                     "data": [float(as_float(x[probe]).double().sum()), int(y.sum())],
                                     "val": [int(x_val.shape[0]), int(y_val.sum())],
                                     "teacher": None if teacher_logits is None else float(teacher_logits.double().sum()),
@@ -320,37 +320,3 @@ def _train_shard(model, opt, x, y, teacher_logits, config: TrainSettings, gen, d
     (loss * size).backward()
     opt.step()
     return float(loss.detach()) * B
-
-
-class _Checkpoint:
-    """The training state file: written atomically, read with ``weights_only=True`` (tensors
-    and plain containers, never code), and refused if it was written for another run."""
-
-    def __init__(self, path: str | os.PathLike | None, identity: dict[str, Any]) -> None:
-        self.path = Path(path) if path is not None else None
-        self.identity = identity
-
-    def load(self) -> dict[str, Any]:
-        try:
-            st = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same actionable message
-            raise ValueError(f"cannot read the training checkpoint {self.path} ({type(e).__name__}: {e}); "
-                             "delete it to train from the start") from None
-        if not isinstance(st, dict) or st.get("format") != _CKPT_FORMAT:
-            raise ValueError(f"{self.path} is not a zsdb3kd training checkpoint; delete it to train from the start")
-        if st.get("identity") != self.identity:
-            raise ValueError(f"the training checkpoint {self.path} was written for other settings, data or model; "
-                             "delete it to train from the start")
-        return st["state"]
-
-    def save(self, state: dict[str, Any]) -> None:
-        assert self.path is not None
-        with atomic_write(self.path) as tmp:
-            torch.save({"format": _CKPT_FORMAT, "identity": self.identity, "state": state}, tmp)
-
-    def remove(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-
-
-_CKPT_FORMAT = "zsdb3kd-train-checkpoint/1"

@@ -8,6 +8,8 @@
   samples, soft labels) as safetensors with a ``format`` tag and a JSON ``provenance``.
 * :func:`derive_seed`: every random stream is named by ``(seed, *names)``, never by
   process state, so a resumed or sharded run draws exactly what an uninterrupted one does.
+* :class:`TrainingCheckpoint`: a training loop's state part way (weights, optimiser, random
+  streams), read back with ``weights_only=True`` and only by the run that wrote it.
 """
 
 from __future__ import annotations
@@ -133,3 +135,38 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors' own error types
         raise ValueError(f"{path} is not a readable tensor file ({e}); delete it to recompute") from None
+
+
+CHECKPOINT_FORMAT = "zsdb3kd-train-checkpoint/1"
+
+
+class TrainingCheckpoint:
+    """The training state file: written atomically, read with ``weights_only=True`` (tensors
+    and plain containers, never code), and refused if it was written for another run."""
+
+    def __init__(self, path: str | os.PathLike | None, identity: dict[str, Any]) -> None:
+        self.path = Path(path) if path is not None else None
+        self.identity = identity
+
+    def load(self) -> dict[str, Any]:
+        try:
+            st = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same actionable message
+            raise ValueError(f"cannot read the training checkpoint {self.path} ({type(e).__name__}: {e}); "
+                             "delete it to train from the start") from None
+        if not isinstance(st, dict) or st.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.path} is not a zsdb3kd training checkpoint; delete it to train from the start")
+        if st.get("identity") != self.identity:
+            raise ValueError(f"the training checkpoint {self.path} was written for other settings, data or model; "
+                             "delete it to train from the start")
+        return st["state"]
+
+    def save(self, state: dict[str, Any]) -> None:
+        assert self.path is not None
+        with atomic_write(self.path) as tmp:
+            torch.save({"format": CHECKPOINT_FORMAT, "identity": self.identity, "state": state}, tmp)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+

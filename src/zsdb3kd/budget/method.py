@@ -20,8 +20,9 @@ Under torchrun every rank runs the same rounds and the teacher's calls are split
 ranks (see :mod:`.ledger`): the same student bits as one process, each image paid once.
 
 Resumable: with ``work_dir``, every teacher call is stored when answered and the student
-after every round; a rerun replays the stored calls (nothing is paid twice) and continues
-after the last finished round. Every random stream is derived from ``(seed, round,
+after every round, and a round's training state every ``SAVE_EVERY`` seconds; a rerun
+replays the stored calls (nothing is paid twice) and continues after the last finished
+round, part way through its training where that was saved. Every random stream is derived from ``(seed, round,
 purpose)`` and the initial weights from the seed, so a resumed run ends with the same
 student bits as an uninterrupted one.
 """
@@ -41,7 +42,7 @@ from torch import nn
 from ..models import create_model, on_device
 from ..parallel import is_main
 from ..settings import content_key
-from ..store import derive_seed, generator, read_tensors, write_json, write_tensors
+from ..store import TrainingCheckpoint, derive_seed, generator, read_tensors, write_json, write_tensors
 from . import candidates as C
 from .ledger import QueryLedger, digest
 from .select import choose, predict, uncertainty
@@ -49,6 +50,8 @@ from .settings import BudgetSettings, plan_rounds
 from .train import agreement, fit
 
 STATE_VERSION = 2
+#: seconds between two saves of a round's training state (``training-<round>.pt``)
+SAVE_EVERY = 60.0
 
 
 @dataclass
@@ -153,6 +156,14 @@ class _Run:
             self.v.append(d["v"].bool())
         self.ledger.spent = sum(e["queries"] for e in self.log)
 
+    def _training_checkpoint(self, r: int, y: torch.Tensor) -> TrainingCheckpoint | None:
+        """Where round ``r``'s training keeps its state part way (a long final training resumes
+        where it was, not from its first step); ``None`` without a work directory."""
+        if self.dir is None:
+            return None
+        return TrainingCheckpoint(self.dir / f"training-{r}.pt", {"run": content_key(self._meta()), "round": r,
+                                                                  "labels": digest(y)})
+
     def _commit(self, r: int) -> None:
         if self.dir is None or not is_main():  # every rank holds the same state; rank 0 writes it
             return
@@ -164,6 +175,7 @@ class _Run:
         write_tensors(self.dir / f"student-{r}.safetensors", t)
         write_json(self.dir / "state.json", {"meta": self._meta(), "log": self.log})
         (self.dir / f"student-{r - 1}.safetensors").unlink(missing_ok=True)
+        (self.dir / f"training-{r}.pt").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ one round
     def labelled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,7 +242,10 @@ class _Run:
         if s.acquisition == "committee":
             self.earlier = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
         stats = fit(self.student, xl[~vl], yl[~vl], s.final_epochs if last else s.epochs_per_round, s,
-                    generator(self.seed, "budget", r, "train"), self.k, self.device, cosine=last)
+                    generator(self.seed, "budget", r, "train"), self.k, self.device, cosine=last,
+                    checkpoint=self._training_checkpoint(r, yl[~vl]), save_every=SAVE_EVERY if is_main() else math.inf,
+                    desc=None if self.progress is None or not is_main() else
+                    f"training round {r + 1}/{len(self.plan)}" + (" (final)" if last else ""))
         entry = {"round": r, "queries": q, "total_queries": self.ledger.spent, "train": int((~vl).sum()),
                  "held_out": int(vl.sum()), "agreement_held_out": agreement(self.student, xl[vl], yl[vl], self.device),
                  "agreement_before_training": before,

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..progress import QueryProgress
+from ..store import TrainingCheckpoint
 from .select import predict
 from .settings import BudgetSettings
 
@@ -47,42 +49,74 @@ def mix(x: torch.Tensor, y: torch.Tensor, share: float, num_classes: int, g: tor
 
 
 def fit(student: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, s: BudgetSettings,
-        g: torch.Generator, num_classes: int, device: torch.device, cosine: bool) -> dict:
+        g: torch.Generator, num_classes: int, device: torch.device, cosine: bool, *,
+        checkpoint: TrainingCheckpoint | None = None, save_every: float = 60.0, desc: str | None = None) -> dict:
     """Train ``student`` on ``(x, y)`` (on the CPU; batches move to ``device``) for ``epochs``
-    passes; a cosine learning-rate schedule when ``cosine``. Returns the mean loss and steps."""
+    passes; a cosine learning-rate schedule when ``cosine``. Returns the mean loss and steps.
+
+    With ``checkpoint``, the state after the latest step (weights, optimiser, ``g``) is written
+    there every ``save_every`` seconds, and an existing checkpoint is continued from: the same
+    weights as an uninterrupted call. The caller removes it once the result is kept. ``desc``
+    shows the steps' progress under that name."""
     n = x.shape[0]
     steps = int(math.ceil(epochs * n / s.batch_size)) if n else 0
     if steps == 0:
         return {"steps": 0}
     opt = torch.optim.Adam(student.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     weights = (1.0 / torch.bincount(y, minlength=num_classes).float().clamp_min(1))[y]
-    student.train()
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed where the loss is: not read back every step
-    for step in range(steps):
-        if cosine:
-            for group in opt.param_groups:
-                group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        if s.balanced_sampling:
-            idx = torch.multinomial(weights, s.batch_size, replacement=True, generator=g)
-        else:
-            idx = torch.randint(0, n, (s.batch_size,), generator=g)
-        xb, yb = x[idx], y[idx]
-        if s.augment_labelled > 0:
-            aug = torch.rand(xb.shape[0], generator=g) < s.augment_labelled
-            xb = torch.where(aug[:, None, None, None], shift(xb, g), xb)
-        if s.mixup > 0:
-            xb, t = mix(xb, yb, s.mixup, num_classes, g)
-            if s.label_smoothing:
-                t = t * (1 - s.label_smoothing) + s.label_smoothing / num_classes
-            loss = -(t.to(device) * F.log_softmax(student(xb.to(device)), 1)).sum(1).mean()
-        else:
-            loss = F.cross_entropy(student(xb.to(device)), yb.to(device), label_smoothing=s.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += loss.detach().double()
+    start = 0
+    if checkpoint is not None and checkpoint.path is not None and checkpoint.path.exists():
+        st = checkpoint.load()
+        student.load_state_dict(st["student"])
+        opt.load_state_dict(st["optimizer"])
+        g.set_state(st["generator"])
+        start = st["step"]
+        total.fill_(st["total"])
+    student.train()
+    last_save = time.perf_counter()
+    bar = QueryProgress(steps, desc, unit="step", initial=start, log_every=30.0) if desc else None
+    try:
+        for step in range(start, steps):
+            if cosine:
+                for group in opt.param_groups:
+                    group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            _step(student, opt, x, y, weights, s, g, num_classes, device, total)
+            if bar is not None:
+                bar.advance(1)
+            if checkpoint is not None and step + 1 < steps and time.perf_counter() - last_save >= save_every:
+                checkpoint.save({"student": student.state_dict(), "optimizer": opt.state_dict(),
+                                 "generator": g.get_state(), "step": step + 1, "total": float(total)})
+                last_save = time.perf_counter()
+    finally:
+        if bar is not None:
+            bar.close()
     student.eval()
     return {"steps": steps, "loss": round(float(total) / steps, 4)}
+
+
+def _step(student: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+          s: BudgetSettings, g: torch.Generator, num_classes: int, device: torch.device, total: torch.Tensor) -> None:
+    """One optimiser step on a batch drawn from ``(x, y)``; its loss is added to ``total``."""
+    if s.balanced_sampling:
+        idx = torch.multinomial(weights, s.batch_size, replacement=True, generator=g)
+    else:
+        idx = torch.randint(0, x.shape[0], (s.batch_size,), generator=g)
+    xb, yb = x[idx], y[idx]
+    if s.augment_labelled > 0:
+        aug = torch.rand(xb.shape[0], generator=g) < s.augment_labelled
+        xb = torch.where(aug[:, None, None, None], shift(xb, g), xb)
+    if s.mixup > 0:
+        xb, t = mix(xb, yb, s.mixup, num_classes, g)
+        if s.label_smoothing:
+            t = t * (1 - s.label_smoothing) + s.label_smoothing / num_classes
+        loss = -(t.to(device) * F.log_softmax(student(xb.to(device)), 1)).sum(1).mean()
+    else:
+        loss = F.cross_entropy(student(xb.to(device)), yb.to(device), label_smoothing=s.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    total += loss.detach().double()
 
 
 def agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float | None:
