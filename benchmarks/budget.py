@@ -6,7 +6,9 @@
 For every (dataset, method, budget, seed) cell it trains one student with at most ``budget``
 teacher queries (no real training data, unless the method says ``pool``), then measures test
 accuracy and fidelity (agreement with the teacher) on the test split, once. Cells already in
-``--out`` are skipped, so the grid can be filled by several invocations (and rerun cheaply);
+``--out`` are skipped, so the grid can be filled by several invocations (and rerun cheaply); a
+budgeted cell keeps its state under ``--work-dir`` while it runs, so an interrupted one continues
+where it stopped (its answers, its finished rounds, its training part way) when rerun;
 ``python scripts/results_pages.py`` turns the JSON into ``docs/results/budget.md``.
 
 Methods:
