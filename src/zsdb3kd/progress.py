@@ -12,11 +12,14 @@ class QueryProgress:
     """A progress bar over work items that also shows the teacher's query rate.
 
     ``enabled=None`` shows the bar only on an interactive terminal; otherwise a plain
-    line is printed every ``log_every`` seconds so that logs still show progress.
+    line is printed every ``log_every`` seconds so that logs still show progress. With
+    ``quiet_start`` the first plain line waits ``log_every`` seconds and the last is printed
+    only after an earlier one: work shorter than that leaves the log alone.
     """
 
     def __init__(self, total: int, desc: str, unit: str = "sample", enabled: bool | None = None,
-                 initial: int = 0, log_every: float = 30.0, max_queries: int | None = None) -> None:
+                 initial: int = 0, log_every: float = 30.0, max_queries: int | None = None,
+                 quiet_start: bool = False) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.total, self.desc, self.unit = total, desc, unit
         self.done = initial
@@ -24,7 +27,8 @@ class QueryProgress:
         self.max_queries = max_queries  # upper bound on this session's queries: gives an ETA before any item is done
         self.n_queries = 0
         self.t0 = time.perf_counter()
-        self._last = 0.0
+        self._last = self.t0 if quiet_start else 0.0
+        self._quiet = quiet_start  # until a first line is printed
         self.log_every = log_every
         self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
                          smoothing=0.1) if self.enabled else None
@@ -52,11 +56,11 @@ class QueryProgress:
             self._bar.update(n)
             return
         now = time.perf_counter()
-        if now - self._last >= self.log_every or self.done >= self.total:
+        if now - self._last >= self.log_every or (self.done >= self.total and not self._quiet):
             self._log(now)
 
     def _log(self, now: float) -> None:
-        self._last = now
+        self._last, self._quiet = now, False
         elapsed = now - self.t0
         done_here = self.done - self.initial
         if self.done >= self.total:

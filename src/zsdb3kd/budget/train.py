@@ -75,7 +75,7 @@ def fit(student: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, s: 
         total.fill_(st["total"])
     student.train()
     last_save = time.perf_counter()
-    bar = QueryProgress(steps, desc, unit="step", initial=start, log_every=30.0) if desc else None
+    bar = QueryProgress(steps, desc, unit="step", initial=start, log_every=30.0, quiet_start=True) if desc else None
     try:
         for step in range(start, steps):
             if cosine:
