@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..parallel import broadcast, is_main
 from ..progress import QueryProgress
 from ..store import TrainingCheckpoint
 from .select import predict
@@ -66,8 +67,10 @@ def fit(student: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, s: 
     weights = (1.0 / torch.bincount(y, minlength=num_classes).float().clamp_min(1))[y]
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed where the loss is: not read back every step
     start = 0
-    if checkpoint is not None and checkpoint.path is not None and checkpoint.path.exists():
-        st = checkpoint.load()
+    # rank 0 reads the state and hands it to every rank: one view of a file that rank 0 alone writes
+    st = None if checkpoint is None else broadcast(
+        checkpoint.load() if is_main() and checkpoint.path is not None and checkpoint.path.exists() else None)
+    if st is not None:
         student.load_state_dict(st["student"])
         opt.load_state_dict(st["optimizer"])
         g.set_state(st["generator"])
