@@ -168,6 +168,22 @@ def test_interrupted_part_way_through_training_continues_from_its_saved_step(tmp
     assert not (tmp_path / f"training-{last}.pt").exists()  # removed once the round is kept
 
 
+def test_an_unreadable_training_state_is_refused_with_its_name(tmp_path):
+    o1 = oracle_for(SHAPE, teacher=FailingTeacher(SHAPE, fail_at=1))  # round 0 kept, round 1 not
+    with pytest.raises(Interrupt):
+        train_budgeted(o1, "mlp", BUDGET, FAST, work_dir=tmp_path)
+    bad = tmp_path / "training-1.pt"
+    bad.write_bytes(b"not a checkpoint")
+    o2 = oracle_for(SHAPE)
+    with pytest.raises(ValueError, match=r"training-1\.pt \(a damaged file.*delete it to train from the start"):
+        train_budgeted(o2, "mlp", BUDGET, FAST, work_dir=tmp_path)  # round 1's answers are kept before training
+    bad.unlink()  # as the message says: that round trains from its start, nothing paid twice
+    o3 = oracle_for(SHAPE)
+    res = train_budgeted(o3, "mlp", BUDGET, FAST, work_dir=tmp_path)
+    assert o1.queries + o2.queries + o3.queries == BUDGET and o2.queries == 60
+    assert bits(res.student) == bits(train_budgeted(oracle_for(SHAPE), "mlp", BUDGET, FAST).student)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     train_budgeted(oracle_for(SHAPE), "mlp", 60, FAST.replace(rounds=1), work_dir=tmp_path)
     for kw in ({"seed": 3}, {"settings": FAST.replace(rounds=2)}):

@@ -152,8 +152,9 @@ class TrainingCheckpoint:
         try:
             st = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same actionable message
-            raise ValueError(f"cannot read the training checkpoint {self.path} ({type(e).__name__}: {e}); "
-                             "delete it to train from the start") from None
+            # torch's own text is left out: it suggests loading the file with code execution allowed
+            raise ValueError(f"cannot read the training checkpoint {self.path} (a damaged file, or not one of "
+                             f"ours: {type(e).__name__}); delete it to train from the start") from None
         if not isinstance(st, dict) or st.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{self.path} is not a zsdb3kd training checkpoint; delete it to train from the start")
         if st.get("identity") != self.identity:
