@@ -22,9 +22,9 @@ ranks (see :mod:`.ledger`): the same student bits as one process, each image pai
 Resumable: with ``work_dir``, every teacher call is stored when answered and the student
 after every round, and a round's training state every ``SAVE_EVERY`` seconds; a rerun
 replays the stored calls (nothing is paid twice) and continues after the last finished
-round, part way through its training where that was saved. Every random stream is derived from ``(seed, round,
-purpose)`` and the initial weights from the seed, so a resumed run ends with the same
-student bits as an uninterrupted one.
+round, part way through its training where that was saved. Every random stream is derived
+from ``(seed, round, purpose)`` and the initial weights from the seed, so a resumed run
+ends with the same student bits as an uninterrupted one.
 """
 
 from __future__ import annotations
