@@ -86,6 +86,9 @@ ABLATIONS = {
     # levers against v2: more of the candidates are variations of labelled images
     "-mutate75": {"mutate_fraction": 0.75},
     "-mutate90": {"mutate_fraction": 0.9},
+    # ... half of the varied images drawn among those the current student gets wrong (all of them)
+    "-mutate-errors": {"mutate_errors": 0.5},
+    "-mutate-errors-all": {"mutate_errors": 1.0},
     # levers (not ablations): one change each against the defaults (v1 when they were measured)
     "-mixup": {"mixup": 0.5},
     "-dip-mix": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "dip": 2.0}},

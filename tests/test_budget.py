@@ -321,6 +321,33 @@ def test_final_fresh_trains_a_new_student_on_every_labelled_image():
         assert not torch.equal(p, warm.student.state_dict()[name]), name
 
 
+def test_a_setting_added_later_keeps_the_names_of_recipes_measured_before_it():
+    from zsdb3kd.settings import content_key
+
+    s = BudgetSettings()
+    before = s.model_dump(mode="json")
+    del before["mutate_errors"]  # the recipe as it was named before the setting existed
+    assert s.key() == content_key(before)
+    assert s.replace(mutate_errors=0.5).key() != s.key()
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_mutate_errors_varies_the_images_the_student_gets_wrong(share):
+    run = M._Run(oracle_for(SHAPE), "mlp", BUDGET, FAST.replace(mutate_errors=share), 0, None, None, "cpu", None)
+    xl = torch.rand(40, *SHAPE, generator=torch.Generator().manual_seed(1))
+    p = M.predict(run.student, xl).argmax(1)
+    yl = p.clone()
+    yl[30:] = (p[30:] + 1) % K  # the student gets the last 10 wrong
+    parents = run.parents(xl, yl, 400, torch.Generator().manual_seed(0))
+    which = (parents[:, None] == xl[None]).flatten(2).all(2).float().argmax(1)
+    wrong_share = float((which >= 30).float().mean())
+    w = (1.0 / torch.bincount(yl, minlength=K).float())[yl]  # the rest: class-balanced over all of them
+    expected = share + (1 - share) * float(w[30:].sum() / w.sum())
+    assert abs(wrong_share - expected) < 0.08, (share, wrong_share, expected)
+    if share == 1.0:
+        assert bool((which >= 30).all())
+
+
 def test_bad_settings_fail_with_the_key_named():
     BudgetSettings()
     for bad, key in [(dict(val_fraction=0.7), "val_fraction"), (dict(acquisition="oracle"), "acquisition"),

@@ -129,7 +129,7 @@ class _Run:
 
     # ------------------------------------------------------------------ persistence
     def _meta(self) -> dict:
-        return {"version": STATE_VERSION, "settings": self.s.model_dump(mode="json"), "arch": self.arch,
+        return {"version": STATE_VERSION, "settings": self.s.identity(), "arch": self.arch,
                 "budget": self.budget, "seed": self.seed, "shape": list(self.shape), "num_classes": self.k,
                 "pool": None if self.pool is None else digest(_u8(self.pool))}
 
@@ -195,11 +195,25 @@ class _Run:
         fresh = C.synthesize(m - n_mut, self.shape, g, s.candidates, deform_p=s.deform_p, cutmix_p=s.cutmix_p)
         parts = [fresh]
         if n_mut:  # parents drawn class-balanced over the teacher's labels
-            w = (1.0 / torch.bincount(yl, minlength=self.k).float().clamp_min(1))[yl]
-            parents = xl[torch.multinomial(w, n_mut, replacement=True, generator=g)]
+            parents = self.parents(xl, yl, n_mut, g)
             parts.append(C.mutate(parents, n_mut, g, fresh=fresh))
         x = _f32(_u8(torch.cat(parts)))  # what is stored is exactly what is asked
         return x, torch.full((x.shape[0],), -1, dtype=torch.long)
+
+    def parents(self, xl: torch.Tensor, yl: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+        """``n`` labelled images to vary, class-balanced over the teacher's labels; a share
+        ``mutate_errors`` of them among those the current student gets wrong."""
+        w = (1.0 / torch.bincount(yl, minlength=self.k).float().clamp_min(1))[yl]
+        n_err = int(round(n * self.s.mutate_errors))
+        if n_err:
+            wrong = predict(self.student, xl.to(self.device)).argmax(1).cpu() != yl
+            if wrong.any():
+                we = (1.0 / torch.bincount(yl[wrong], minlength=self.k).float().clamp_min(1))[yl] * wrong
+                picked = [torch.multinomial(we, n_err, replacement=True, generator=g)]
+                if n > n_err:
+                    picked.insert(0, torch.multinomial(w, n - n_err, replacement=True, generator=g))
+                return xl[torch.cat(picked)]
+        return xl[torch.multinomial(w, n, replacement=True, generator=g)]
 
     def choose_queries(self, r: int, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The round's ``q`` images to ask about and their pool indices."""

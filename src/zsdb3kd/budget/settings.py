@@ -25,7 +25,7 @@ that measured ahead of it on average: handwriting-like ``curves`` in the candida
 at 20,000) and level at 50,000 (77.4% over three seeds, v1 77.4-77.8%; docs/budget.md). ``V1`` restores the first recipe. Off by default, on request:
 ``acquisition = "committee"`` (the student and its snapshot of one round earlier) and
 ``rare_boost`` (more queries for the classes the teacher has given least), measured level
-(docs/budget.md).
+(docs/budget.md), and ``mutate_errors`` (vary the labelled images the student gets wrong).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from ..settings import Settings
+from ..settings import Settings, content_key
 from .candidates import GENERATORS
 
 Acquisition = Literal["margin", "entropy", "random", "confident", "committee"]
@@ -55,6 +55,8 @@ class BudgetSettings(Settings):
     cutmix_p: float = Field(0.25, ge=0, le=1, description="share of fresh candidates cut-mixed with another")
     mutate_fraction: float = Field(0.5, ge=0, le=1, description="zero-shot: share of later rounds' candidates that "
                                                                 "are variations of labelled images")
+    mutate_errors: float = Field(0.0, ge=0, le=1, description="zero-shot: share of the varied images drawn among "
+                                                              "labelled images the current student gets wrong")
     pool_factor: float = Field(8.0, ge=1, description="free candidates scored per query")
     acquisition: Acquisition = Field(
         "margin", description="how the student ranks candidates (random: no active choice; confident: "
@@ -79,6 +81,20 @@ class BudgetSettings(Settings):
     mixup: float = Field(0.5, ge=0, le=1, description="share of each batch mixed with another of its images, "
                                                       "labels mixed alike")
 
+    def identity(self) -> dict:
+        """The settings that name the recipe: every one, less those added after recipes were
+        named (``LATER``) while they are at the value that keeps the recipe as it was, so a
+        recipe measured, or a run begun, before a setting existed keeps its name."""
+        d = self.model_dump(mode="json")
+        for name, unchanged in LATER.items():
+            if d[name] == unchanged:
+                del d[name]
+        return d
+
+    def key(self) -> str:
+        """Content hash of :meth:`identity` (16 hex digits)."""
+        return content_key(self.identity())
+
     @field_validator("candidates")
     @classmethod
     def _kinds(cls, v: dict[str, float]) -> dict[str, float]:
@@ -95,6 +111,9 @@ class BudgetSettings(Settings):
             raise ValueError("epochs_per_round and final_epochs are both 0: the student would never train")
         return self
 
+
+#: settings added after recipes were named by their key, and the value that changes nothing
+LATER: dict = {"mutate_errors": 0.0}
 
 #: the first recipe (the defaults until 2026-12-04): ``BudgetSettings(**V1)``
 V1: dict = {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0}, "mixup": 0.0,
