@@ -344,17 +344,18 @@ def main() -> None:
                     elif kind == "paper":
                         model = run_paper(oracle, student, budget, seed)
                     elif kind in ("budgeted", "pool", "pool-other"):
-                        if kind == "pool" and pool is None:
-                            pool = data.load("train").x  # images only: their labels are never read
-                        images = {"pool": pool, "budgeted": None}.get(kind)
-                        if kind == "pool-other":
+                        images, device = None, args.device
+                        if kind == "pool":
+                            if pool is None:
+                                pool = data.load("train").x  # images only: their labels are never read
+                            images = pool
+                        elif kind == "pool-other":
                             images = DATASETS[OTHER_POOL[name]][0].load("train").x  # another domain, labels never read
-                        work = cell_dir(args.work_dir, key, recipe_key, ident, args.device if kind != "pool-other"
-                                        else "cpu")
+                            device = "cpu"
+                        work = cell_dir(args.work_dir, key, recipe_key, ident, device)
                         resumed = work is not None and (work / "state.json").exists()
-                        model, spent = run_budgeted(oracle, student, budget, seed, overrides, images,
-                                             args.device if kind != "pool-other" else "cpu", work,
-                                             f"{name} {method}@{budget} seed {seed}")
+                        model, spent = run_budgeted(oracle, student, budget, seed, overrides, images, device, work,
+                                                    f"{name} {method}@{budget} seed {seed}")
                     if model is None:
                         print(f"{name} {method} {budget}: does not fit the budget, skipped", flush=True)
                         continue

@@ -115,21 +115,28 @@ def test_interrupted_between_calls_resumes_to_the_same_student_paying_nothing_tw
     assert o3.queries == 0 and bits(again.student) == bits(ref.student)
 
 
+def _kill_on_call(monkeypatch, module, name: str, at: int) -> dict:
+    """``module.name`` raises :class:`Interrupt` on its ``at``-th call (1-based), as a kill while
+    training would; returns its call counter (``{"n": calls so far}``)."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise Interrupt("killed while training")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
 def test_interrupted_while_training_replays_the_stored_answers(tmp_path, monkeypatch):
     ref = train_budgeted(oracle_for(SHAPE), "mlp", BUDGET, FAST)
-    real_fit, calls = M.fit, {"n": 0}
-
-    def dying_fit(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # round 1: its answers are stored, then the process dies
-            raise Interrupt("killed while training")
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(M, "fit", dying_fit)
+    _kill_on_call(monkeypatch, M, "fit", 2)  # round 1: its answers are stored, then the process dies
     o1 = oracle_for(SHAPE)
     with pytest.raises(Interrupt):
         train_budgeted(o1, "mlp", BUDGET, FAST, work_dir=tmp_path)
-    monkeypatch.setattr(M, "fit", real_fit)
+    monkeypatch.undo()
     o2 = oracle_for(SHAPE)
     res = train_budgeted(o2, "mlp", BUDGET, FAST, work_dir=tmp_path)
     assert o1.queries == 60 + 60 and o1.queries + o2.queries == BUDGET
@@ -144,15 +151,7 @@ def test_interrupted_part_way_through_training_continues_from_its_saved_step(tmp
     assert ref.log[-1]["steps"] > 3
     kill_at = total - 2  # the third-last step of the final training: two earlier ones were saved
     monkeypatch.setattr(M, "SAVE_EVERY", 0.0)  # a save after every step
-    real, calls = T._step, {"n": 0}
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == kill_at:
-            raise Interrupt("killed while training")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(T, "_step", counted)
+    calls = _kill_on_call(monkeypatch, T, "_step", kill_at)
     o1 = oracle_for(SHAPE)
     with pytest.raises(Interrupt):
         train_budgeted(o1, "mlp", BUDGET, FAST, work_dir=tmp_path)
