@@ -187,6 +187,27 @@ def invariance_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def whitebox_kd_table(doc: dict) -> str:
+    """Hard labels against the teacher's logits on the quickstart's images (benchmarks/whitebox_kd.py)."""
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in doc["records"]:
+        by[r["variant"]].append(r)
+    base = {r["seed"]: r["test_acc"] for r in by.get("ce", [])}
+    lines = [f"```bash\n{doc['command']}\n```", "",
+             f"{doc['subset']} Fashion-MNIST training images, LeNet-5-half, {doc['epochs']} epochs, "
+             f"{doc['threads']} thread(s); teacher sha256 `{doc['teacher_sha256'][:12]}`.", "",
+             "| student | T | KL weight | seeds | test accuracy (%) | against `ce`, paired by seed |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, rs in by.items():
+        gaps = [r["test_acc"] - base[r["seed"]] for r in rs if r["seed"] in base and name != "ce"]
+        gap = f"{statistics.mean(gaps):+.2f}" + (f" ± {statistics.stdev(gaps):.2f}" if len(gaps) > 1 else "") \
+            if gaps else ""
+        t, w = rs[0]["temperature"], rs[0]["kl_weight"]
+        lines.append(f"| `{name}` | {'' if t is None else f'{t:g}'} | {'' if w is None else f'{w:g}'} | {len(rs)} | "
+                     f"{_cell([r['test_acc'] for r in rs])} | {gap} |")
+    return "\n".join(lines)
+
+
 def paper_chain_table(doc: dict) -> str:
     """The paper's zero-shot chain scaled to a budget, beside random images and the budgeted student
     at the same budgets (the ``paper`` records of budget.json)."""
@@ -434,6 +455,9 @@ def blocks() -> dict[Path, list[tuple[str, str]]]:
     if (RESULTS / "invariance.json").exists():
         out[ROOT / "docs" / "budget.md"].append(("invariance",
                                                  invariance_table(json.loads((RESULTS / "invariance.json").read_text()))))
+    if (RESULTS / "whitebox-kd.json").exists():
+        out[RESULTS / "whitebox-kd.md"].append(("whitebox-kd",
+                                                whitebox_kd_table(json.loads((RESULTS / "whitebox-kd.json").read_text()))))
     if (RESULTS / "scale.json").exists():
         out[RESULTS / "scale.md"].append(("scale", scale_table(json.loads((RESULTS / "scale.json").read_text()))))
     return out

@@ -328,6 +328,28 @@ def test_db3kd_report(db3kd_run, teacher, test_set):
     assert not list(run.glob("*.parts"))
 
 
+def test_report_explains_whitebox_kd_below_hard_labels_by_the_loss_it_used(db3kd_run):
+    """The report's reason for white-box KD ending below the hard labels names the loss the
+    run used: the summed KL only where the run summed it."""
+    from zsdb3kd.experiment.report import findings
+
+    _, _, report, _ = db3kd_run
+    wb = next(r for r in report["students"] if r["method"] == "whitebox-kd")
+    assert (wb["temperature"], wb["kl_weight"], wb["kl_reduction"]) == (20.0, 1.0, "batchmean")  # the defaults
+
+    def said(reduction: str, wb_acc: float) -> list[str]:
+        rows = [{**r, "test_acc": 70.0} if r["method"] == "ce" else
+                {**r, "test_acc": wb_acc, "kl_reduction": reduction} if r["method"] == "whitebox-kd" else r
+                for r in report["students"]]
+        return [f for f in findings({**report, "students": rows}) if f.startswith("White-box KD")]
+
+    (mean,) = said("batchmean", 67.0)
+    assert "a reference, not an upper bound" in mean and f"({SUBSET:,} here)" in mean and '"sum"' not in mean
+    (summed,) = said("sum", 67.0)
+    assert 'kl_reduction = "sum"' in summed and "T = 20" in summed
+    assert said("batchmean", 69.5) == []  # within a point of the hard labels: nothing to explain
+
+
 def _numbers(report):
     r = json.loads(json.dumps(report, default=str))
     r.pop("wall_time_s")

@@ -125,8 +125,8 @@ def distill_job(teacher: TeacherSpec, method: Literal["ce", "whitebox-kd", "soft
                 pseudo: str | None = None, val_fraction: float = 0.1, device: str = "cpu",
                 query_budget: int | None = None, plan_only: bool = False,
                 progress: bool | None = None) -> dict[str, Any]:
-    """A student from the teacher's hard labels (``ce``), its real logits (``whitebox-kd``, an
-    upper bound) or boundary-distance soft labels (``soft``); on real training images, or,
+    """A student from the teacher's hard labels (``ce``), its real logits (``whitebox-kd``, a
+    reference, not label-only) or boundary-distance soft labels (``soft``); on real training images, or,
     with ``pseudo``, on pseudo samples (only the real test split is read). Only ``ce`` asks
     the teacher anything: one label per training image."""
     teacher.check()

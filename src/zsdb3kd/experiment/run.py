@@ -176,8 +176,9 @@ def _run_db3kd(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, teache
             row = {"method": spec, "label": "hard labels (teacher)", "queries_per_pair": 0, "total_queries": len(sub)}
             make = lambda: (sub.x, label_sharded(oracle, sub.x.to(device)).cpu(), None)  # noqa: E731
         elif method == "whitebox-kd":
-            row = {"method": spec, "label": "white-box KD (upper bound: needs the teacher's logits)",
-                   "queries_per_pair": None, "total_queries": None}
+            row = {"method": spec, "label": "white-box KD (a reference: needs the teacher's logits)",
+                   "queries_per_pair": None, "total_queries": None, "temperature": cfg.student.temperature,
+                   "kl_weight": cfg.student.kl_weight, "kl_reduction": cfg.student.kl_reduction}
             make = lambda: (sub.x, sub.y, teacher_logits(cfg.teacher.spec(teacher), sub.x, device))  # noqa: E731
         else:
             res, rpath = results[method]
