@@ -328,6 +328,8 @@ def synthesize(n: int, shape: Shape, g: torch.Generator, mix: dict[str, float], 
     for k in kinds:
         if k not in GENERATORS:
             raise ValueError(f"unknown candidate kind {k!r}; known: {', '.join(GENERATORS)}")
+    if n == 0:  # e.g. every candidate of a round is a variation (mutate_fraction = 1)
+        return torch.empty(0, *shape)
     wts = torch.tensor([float(mix[k]) for k in kinds])
     which = torch.multinomial(wts / wts.sum(), n, replacement=True, generator=g)
     out = torch.empty(n, *shape)
