@@ -89,6 +89,9 @@ ABLATIONS = {
     # ... half of the varied images drawn among those the current student gets wrong (all of them)
     "-mutate-errors": {"mutate_errors": 0.5},
     "-mutate-errors-all": {"mutate_errors": 1.0},
+    # ... every varied image crossed (cut-mix / mixup) with a labelled image of its parent's class (half of them)
+    "-same-class": {"mutate_same_class": 1.0},
+    "-same-class50": {"mutate_same_class": 0.5},
     # levers (not ablations): one change each against the defaults (v1 when they were measured)
     "-mixup": {"mixup": 0.5},
     "-dip-mix": {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0, "dip": 2.0}},

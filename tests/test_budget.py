@@ -325,9 +325,11 @@ def test_a_setting_added_later_keeps_the_names_of_recipes_measured_before_it():
 
     s = BudgetSettings()
     before = s.model_dump(mode="json")
-    del before["mutate_errors"]  # the recipe as it was named before the setting existed
+    for name in ("mutate_errors", "mutate_same_class"):
+        del before[name]  # the recipe as it was named before the setting existed
     assert s.key() == content_key(before)
     assert s.replace(mutate_errors=0.5).key() != s.key()
+    assert s.replace(mutate_same_class=0.5).key() not in (s.key(), s.replace(mutate_errors=0.5).key())
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
@@ -337,14 +339,65 @@ def test_mutate_errors_varies_the_images_the_student_gets_wrong(share):
     p = M.predict(run.student, xl).argmax(1)
     yl = p.clone()
     yl[30:] = (p[30:] + 1) % K  # the student gets the last 10 wrong
-    parents = run.parents(xl, yl, 400, torch.Generator().manual_seed(0))
-    which = (parents[:, None] == xl[None]).flatten(2).all(2).float().argmax(1)
+    which = run.parents(xl, yl, 400, torch.Generator().manual_seed(0))  # indices into xl
     wrong_share = float((which >= 30).float().mean())
     w = (1.0 / torch.bincount(yl, minlength=K).float())[yl]  # the rest: class-balanced over all of them
     expected = share + (1 - share) * float(w[30:].sum() / w.sum())
     assert abs(wrong_share - expected) < 0.08, (share, wrong_share, expected)
     if share == 1.0:
         assert bool((which >= 30).all())
+
+
+def test_same_class_partners_share_the_label_and_cover_the_class():
+    y = torch.tensor([2, 0, 2, 1, 0, 2, 3, 2])
+    idx = torch.tensor([0, 1, 3, 6] + [2] * 400)
+    mates = M.same_class_partners(y, idx, torch.Generator().manual_seed(0))
+    assert torch.equal(y[mates], y[idx])
+    assert mates[2] == 3 and mates[3] == 6  # alone in its class: itself
+    assert set(mates[4:].tolist()) == {0, 2, 5, 7}  # every image of class 2 is drawn
+
+
+def test_every_candidate_a_variation_needs_no_fresh_image():
+    """mutate_fraction = 1 leaves no fresh candidate to make in later rounds (it used to fail there)."""
+    assert C.synthesize(0, SHAPE, torch.Generator(), BudgetSettings().candidates).shape == (0, *SHAPE)
+    res = train_budgeted(oracle_for(SHAPE), "mlp", 300, FAST.replace(mutate_fraction=1.0), seed=0)
+    assert res.queries == 300
+
+
+def test_mutate_crosses_with_the_given_partners_only_when_asked():
+    from zsdb3kd.budget.transforms import mutate
+
+    x, fresh, mates = torch.zeros(50, 1, 8, 8), torch.full((50, 1, 8, 8), 0.5), torch.ones(50, 1, 8, 8)
+    bright = lambda out: float((out.flatten(1) > 0.75).any(1).float().mean())  # noqa: E731  (a partner's box)
+    plain = mutate(x, 400, torch.Generator().manual_seed(0), fresh=fresh)
+    assert torch.equal(mutate(x, 400, torch.Generator().manual_seed(0), fresh=fresh, partners=mates, p_partner=0.0),
+                       plain)  # the recipe's stream: no extra draw
+    assert bright(plain) == 0.0
+    assert 0.2 < bright(mutate(x, 400, torch.Generator().manual_seed(0), fresh=fresh, partners=mates,
+                               p_partner=1.0)) < 0.4  # the cut-mixed 30%
+    with pytest.raises(ValueError, match="partners"):
+        mutate(x, 4, torch.Generator(), partners=mates[:3], p_partner=1.0)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_mutate_same_class_gives_each_varied_image_a_partner_of_its_class(share, monkeypatch):
+    seen = {}
+
+    def spy(parents, n, g, *, fresh=None, partners=None, p_partner=0.0):
+        seen.update(parents=parents, partners=partners, p=p_partner)
+        return parents[:n]
+
+    monkeypatch.setattr(M.C, "mutate", spy)
+    run = M._Run(oracle_for(SHAPE), "mlp", BUDGET, FAST.replace(mutate_same_class=share), 0, None, None, "cpu", None)
+    g0 = torch.Generator().manual_seed(1)
+    xl, yl = torch.rand(60, *SHAPE, generator=g0), torch.randint(0, K, (60,), generator=g0)
+    run.candidates(1, 200, xl, yl)
+    assert seen["p"] == share
+    if share == 0.0:
+        assert seen["partners"] is None
+        return
+    row = lambda imgs: (imgs.flatten(1)[:, None] == xl.flatten(1)[None]).all(2).float().argmax(1)  # noqa: E731
+    assert torch.equal(yl[row(seen["partners"])], yl[row(seen["parents"])])
 
 
 def test_bad_settings_fail_with_the_key_named():

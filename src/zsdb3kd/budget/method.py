@@ -45,7 +45,7 @@ from ..settings import content_key
 from ..store import TrainingCheckpoint, derive_seed, generator, read_tensors, write_json, write_tensors
 from . import candidates as C
 from .ledger import QueryLedger, digest
-from .select import choose, predict, uncertainty
+from .select import choose, predict, same_class_partners, uncertainty
 from .settings import BudgetSettings, plan_rounds
 from .train import agreement, fit
 
@@ -195,13 +195,15 @@ class _Run:
         fresh = C.synthesize(m - n_mut, self.shape, g, s.candidates, deform_p=s.deform_p, cutmix_p=s.cutmix_p)
         parts = [fresh]
         if n_mut:  # parents drawn class-balanced over the teacher's labels
-            parents = self.parents(xl, yl, n_mut, g)
-            parts.append(C.mutate(parents, n_mut, g, fresh=fresh))
+            pi = self.parents(xl, yl, n_mut, g)
+            mates = same_class_partners(yl, pi, g) if s.mutate_same_class > 0 else None
+            parts.append(C.mutate(xl[pi], n_mut, g, fresh=fresh, partners=None if mates is None else xl[mates],
+                                  p_partner=s.mutate_same_class))
         x = _f32(_u8(torch.cat(parts)))  # what is stored is exactly what is asked
         return x, torch.full((x.shape[0],), -1, dtype=torch.long)
 
     def parents(self, xl: torch.Tensor, yl: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
-        """``n`` labelled images to vary, class-balanced over the teacher's labels; a share
+        """Indices of ``n`` labelled images to vary, class-balanced over the teacher's labels; a share
         ``mutate_errors`` of them among those the current student gets wrong."""
         w = (1.0 / torch.bincount(yl, minlength=self.k).float().clamp_min(1))[yl]
         n_err = int(round(n * self.s.mutate_errors))
@@ -212,8 +214,8 @@ class _Run:
                 picked = [torch.multinomial(we, n_err, replacement=True, generator=g)]
                 if n > n_err:
                     picked.insert(0, torch.multinomial(w, n - n_err, replacement=True, generator=g))
-                return xl[torch.cat(picked)]
-        return xl[torch.multinomial(w, n, replacement=True, generator=g)]
+                return torch.cat(picked)
+        return torch.multinomial(w, n, replacement=True, generator=g)
 
     def choose_queries(self, r: int, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The round's ``q`` images to ask about and their pool indices."""

@@ -11,6 +11,8 @@ generator they are given.
 * :func:`choose` -- pick ``k`` candidates: per predicted class an equal quota (class
   balance), and within a class the most uncertain of a random subset (a soft top-k, so a
   tight cluster of near-duplicates is not all taken).
+* :func:`same_class_partners` -- for labelled images to vary, a random partner of the same
+  teacher label to cross them with (``mutate_same_class``).
 """
 
 from __future__ import annotations
@@ -97,3 +99,15 @@ def choose(score: torch.Tensor, pred: torch.Tensor, k: int, num_classes: int, g:
         idx = torch.nonzero(left).squeeze(1)
         chosen = torch.cat([chosen, idx[key[idx].topk(k - chosen.numel()).indices]])
     return chosen.sort().values
+
+
+def same_class_partners(y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """For each ``idx[i]``, the index of a random image with the same label ``y`` (itself
+    when it is its class's only one). Vectorised: indices sorted by label, one uniform draw
+    into each class's block."""
+    order = torch.argsort(y, stable=True)
+    counts = torch.bincount(y, minlength=int(y.max()) + 1 if y.numel() else 0)
+    starts = torch.cumsum(counts, 0) - counts
+    c = y[idx]
+    pos = starts[c] + (torch.rand(idx.shape[0], generator=g) * counts[c]).long().clamp_max(counts[c] - 1)
+    return order[pos]

@@ -25,7 +25,8 @@ that measured ahead of it on average: handwriting-like ``curves`` in the candida
 at 20,000) and level at 50,000 (77.4% over three seeds, v1 77.4-77.8%; docs/budget.md). ``V1`` restores the first recipe. Off by default, on request:
 ``acquisition = "committee"`` (the student and its snapshot of one round earlier) and
 ``rare_boost`` (more queries for the classes the teacher has given least), measured level
-(docs/budget.md), and ``mutate_errors`` (vary the labelled images the student gets wrong).
+(docs/budget.md), ``mutate_errors`` (vary the labelled images the student gets wrong) and ``mutate_same_class``
+(cross a varied image with another of its class).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class BudgetSettings(Settings):
                                                                 "are variations of labelled images")
     mutate_errors: float = Field(0.0, ge=0, le=1, description="zero-shot: share of the varied images drawn among "
                                                               "labelled images the current student gets wrong")
+    mutate_same_class: float = Field(0.0, ge=0, le=1, description="zero-shot: share of the varied images whose "
+                                                                  "cut-mix/mixup partner is a labelled image of "
+                                                                  "the parent's class (else any candidate)")
     pool_factor: float = Field(8.0, ge=1, description="free candidates scored per query")
     acquisition: Acquisition = Field(
         "margin", description="how the student ranks candidates (random: no active choice; confident: "
@@ -113,7 +117,7 @@ class BudgetSettings(Settings):
 
 
 #: settings added after recipes were named by their key, and the value that changes nothing
-LATER: dict = {"mutate_errors": 0.0}
+LATER: dict = {"mutate_errors": 0.0, "mutate_same_class": 0.0}
 
 #: the first recipe (the defaults until 2026-12-04): ``BudgetSettings(**V1)``
 V1: dict = {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0}, "mixup": 0.0,

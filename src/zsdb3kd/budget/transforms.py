@@ -82,16 +82,23 @@ def deform(x: torch.Tensor, g: torch.Generator, *, p_affine: float = 0.7, p_elas
 
 
 def mutate(x: torch.Tensor, n: int, g: torch.Generator, *, fresh: torch.Tensor | None = None,
-           noise_sd: float = 0.05) -> torch.Tensor:
+           noise_sd: float = 0.05, partners: torch.Tensor | None = None, p_partner: float = 0.0) -> torch.Tensor:
     """``n`` variations of images drawn from ``x``: deformation, then cut-mix / mixup with
     another image of ``x`` (or of ``fresh``), plus a little noise. Used to explore around
-    images the teacher has already labelled (class-balanced parents: see ``select``)."""
+    images the teacher has already labelled (class-balanced parents: see ``select``).
+    ``partners`` (one row per row of ``x``): with probability ``p_partner`` a variation is
+    crossed with its parent's partner instead (e.g. a labelled image of the same class)."""
     if x.shape[0] == 0:
         raise ValueError("mutate needs at least one parent image")
+    if partners is not None and partners.shape != x.shape:
+        raise ValueError(f"partners must have the parents' shape {tuple(x.shape)}, got {tuple(partners.shape)}")
     idx = torch.randint(0, x.shape[0], (n,), generator=g)
     out = deform(x[idx], g, p_affine=0.8, p_elastic=0.6, strength=0.8)
     src = x if fresh is None or fresh.shape[0] == 0 else torch.cat([x, fresh])
     other = src[torch.randint(0, src.shape[0], (n,), generator=g)]
+    if partners is not None and p_partner > 0:  # no extra draw otherwise: the recipe's stream is unchanged
+        own = torch.rand(n, generator=g) < p_partner
+        other = torch.where(own[:, None, None, None], partners[idx], other)
     r = torch.rand(n, generator=g)
     cm = cutmix(out, other, g)
     mx = mixup(out, other, g, lo=0.5, hi=1.0)
