@@ -5,7 +5,8 @@ The quickstart (configs/fashion-mnist/db3kd/quickstart.toml) trains LeNet-5-half
 its logits (KD loss of zsdb3kd.distill: CE + kl_weight * KL at temperature T). In its one
 seed white-box KD was below the hard labels. This benchmark trains both on the same images
 with the quickstart's settings over several seeds, and KD at other temperatures and weights
-(``kl_weight = T^2`` is Hinton et al.'s scaling), so the report can say why.
+(``kl_weight = T^2`` is Hinton et al.'s scaling) and other numbers of training steps, so
+the report can say why. Records are added to ``--out`` (a rerun of a cell replaces it).
 
     python benchmarks/whitebox_kd.py --teacher runs/quickstart/teacher-lenet5-*.safetensors \
         --out docs/results/whitebox-kd.json
@@ -18,7 +19,7 @@ read once per student.
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: the installed data)")
     ap.add_argument("--subset", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", default="docs/results/whitebox-kd.json")
@@ -54,10 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = splits.train.subset(choose_subset(len(splits.train), a.subset, 0))  # the quickstart's images (seed 0)
     logits = predict(teacher, sub.x)
     hard = logits.argmax(1)
-    records = []
+    out = Path(a.out)
+    doc = json.loads(out.read_text()) if out.exists() else {"commands": [], "records": []}
+    sha = file_sha256(a.teacher)
+    if doc.get("teacher_sha256", sha) != sha:
+        raise SystemExit(f"{out} holds records of another teacher: write to another --out")
+    steps = a.epochs * -(-a.subset // a.batch_size)
+    new = []
     for name in a.variants:
         v = VARIANTS[name]
-        cfg = TrainSettings(epochs=a.epochs, **({} if v is None else {"temperature": v[0], "kl_weight": v[1]}))
+        cfg = TrainSettings(epochs=a.epochs, batch_size=a.batch_size,
+                            **({} if v is None else {"temperature": v[0], "kl_weight": v[1]}))
         for seed in a.seeds:
             t0 = time.perf_counter()
             torch.manual_seed(seed)
@@ -65,16 +74,18 @@ def main(argv: list[str] | None = None) -> int:
             res = train(model, sub.x, hard, splits.val.x, splits.val.y, cfg, seed=seed,
                         teacher_logits=None if v is None else logits, progress=False)
             acc = accuracy(model, splits.test.x, splits.test.y)
-            records.append({"variant": name, "seed": seed, "temperature": cfg.temperature if v else None,
-                            "kl_weight": cfg.kl_weight if v else None, "kl_reduction": cfg.kl_reduction,
-                            "test_acc": round(acc, 2), "val_acc": round(res.best_val_acc, 2),
-                            "seconds": round(time.perf_counter() - t0, 1)})
-            print(f"{name} seed {seed}: {acc:.2f}%", flush=True)
-        accs = [r["test_acc"] for r in records if r["variant"] == name]
-        print(f"{name}: {statistics.mean(accs):.2f} over {len(accs)} seed(s)", flush=True)
-    write_json(Path(a.out), {"command": "python benchmarks/whitebox_kd.py " + " ".join(argv),
-                             "teacher_sha256": file_sha256(a.teacher), "subset": a.subset, "epochs": a.epochs,
-                             "threads": torch.get_num_threads(), "records": records})
+            new.append({"variant": name, "seed": seed, "epochs": a.epochs, "batch_size": a.batch_size, "steps": steps,
+                        "temperature": cfg.temperature if v else None, "kl_weight": cfg.kl_weight if v else None,
+                        "kl_reduction": cfg.kl_reduction, "test_acc": round(acc, 2),
+                        "val_acc": round(res.best_val_acc, 2), "seconds": round(time.perf_counter() - t0, 1),
+                        "threads": torch.get_num_threads()})
+            print(f"{name} seed {seed} ({steps} steps): {acc:.2f}%", flush=True)
+    key = lambda r: (r["variant"], r["seed"], r["epochs"], r["batch_size"])  # noqa: E731
+    done = {key(r) for r in new}
+    command = "python benchmarks/whitebox_kd.py " + " ".join(argv)
+    doc.update(teacher_sha256=sha, subset=a.subset, records=[r for r in doc["records"] if key(r) not in done] + new,
+               commands=[c for c in doc["commands"] if c != command] + [command])
+    write_json(out, doc)
     return 0
 
 

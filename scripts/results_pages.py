@@ -188,23 +188,24 @@ def invariance_table(doc: dict) -> str:
 
 
 def whitebox_kd_table(doc: dict) -> str:
-    """Hard labels against the teacher's logits on the quickstart's images (benchmarks/whitebox_kd.py)."""
-    by: dict[str, list[dict]] = defaultdict(list)
+    """Hard labels against the teacher's logits on the quickstart's images (benchmarks/whitebox_kd.py),
+    per number of training steps, each KD row paired by seed with ``ce`` trained alike."""
+    by: dict[tuple, list[dict]] = defaultdict(list)
     for r in doc["records"]:
-        by[r["variant"]].append(r)
-    base = {r["seed"]: r["test_acc"] for r in by.get("ce", [])}
-    lines = [f"```bash\n{doc['command']}\n```", "",
-             f"{doc['subset']} Fashion-MNIST training images, LeNet-5-half, {doc['epochs']} epochs, "
-             f"{doc['threads']} thread(s); teacher sha256 `{doc['teacher_sha256'][:12]}`.", "",
-             "| student | T | KL weight | seeds | test accuracy (%) | against `ce`, paired by seed |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name, rs in by.items():
+        by[(r["batch_size"], r["epochs"], r["variant"])].append(r)
+    lines = ["```bash\n" + "\n".join(doc["commands"]) + "\n```", "",
+             f"{doc['subset']} Fashion-MNIST training images, LeNet-5-half, 1 thread; teacher sha256 "
+             f"`{doc['teacher_sha256'][:12]}`.", "",
+             "| student | T | KL weight | batch | epochs | steps | seeds | test accuracy (%) | against `ce` trained alike |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (bs, ep, name), rs in sorted(by.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2] != "ce", kv[0][2])):
+        base = {r["seed"]: r["test_acc"] for r in by.get((bs, ep, "ce"), [])}
         gaps = [r["test_acc"] - base[r["seed"]] for r in rs if r["seed"] in base and name != "ce"]
-        gap = f"{statistics.mean(gaps):+.2f}" + (f" ± {statistics.stdev(gaps):.2f}" if len(gaps) > 1 else "") \
-            if gaps else ""
+        gap = (f"{statistics.mean(gaps):+.2f}" + (f" ± {statistics.stdev(gaps):.2f}" if len(gaps) > 1 else "")
+               if gaps else "")
         t, w = rs[0]["temperature"], rs[0]["kl_weight"]
-        lines.append(f"| `{name}` | {'' if t is None else f'{t:g}'} | {'' if w is None else f'{w:g}'} | {len(rs)} | "
-                     f"{_cell([r['test_acc'] for r in rs])} | {gap} |")
+        lines.append(f"| `{name}` | {'' if t is None else f'{t:g}'} | {'' if w is None else f'{w:g}'} | {bs} | {ep} | "
+                     f"{rs[0]['steps']} | {len(rs)} | {_cell([r['test_acc'] for r in rs])} | {gap} |")
     return "\n".join(lines)
 
 
@@ -269,8 +270,9 @@ def run_table(doc: dict) -> str:
     t, data = rep["teacher"], rep["data"]
     lines = [f"```bash\n{doc['command']}\n```", "",
              f"Mode {rep['mode']}, {data['name']}; teacher `{t['arch']}` {t['test_acc']:.2f}% test accuracy "
-             f"({t['train_config']['epochs']} epochs); the whole run took {rep['wall_time_s'] / 60:.1f} min on "
-             f"{rep['environment']['threads']} thread(s) (zsdb3kd {rep['environment']['zsdb3kd']}, torch "
+             f"({t['train_config']['epochs']} epochs); "
+             + (doc["regenerated"] if doc.get("regenerated") else f"the whole run took {rep['wall_time_s'] / 60:.1f} min")
+             + f" on {rep['environment']['threads']} thread(s) (zsdb3kd {rep['environment']['zsdb3kd']}, torch "
              f"{rep['environment']['torch']}).", "",
              "| student | method | teacher queries | test acc (%) | train time (s) |", "|---|---|---:|---:|---:|"]
     best = max(s["test_acc"] for s in rep["students"] if s["total_queries"] is not None)

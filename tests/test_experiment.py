@@ -337,16 +337,18 @@ def test_report_explains_whitebox_kd_below_hard_labels_by_the_loss_it_used(db3kd
     wb = next(r for r in report["students"] if r["method"] == "whitebox-kd")
     assert (wb["temperature"], wb["kl_weight"], wb["kl_reduction"]) == (20.0, 1.0, "batchmean")  # the defaults
 
-    def said(reduction: str, wb_acc: float) -> list[str]:
+    def said(reduction: str, wb_acc: float, t: float = 20.0) -> list[str]:
         rows = [{**r, "test_acc": 70.0} if r["method"] == "ce" else
-                {**r, "test_acc": wb_acc, "kl_reduction": reduction} if r["method"] == "whitebox-kd" else r
-                for r in report["students"]]
+                {**r, "test_acc": wb_acc, "kl_reduction": reduction, "temperature": t}
+                if r["method"] == "whitebox-kd" else r for r in report["students"]]
         return [f for f in findings({**report, "students": rows}) if f.startswith("White-box KD")]
 
     (mean,) = said("batchmean", 67.0)
-    assert "a reference, not an upper bound" in mean and f"({SUBSET:,} here)" in mean and '"sum"' not in mean
+    assert "T = 20" in mean and "nearly uniform" in mean and '"sum"' not in mean
     (summed,) = said("sum", 67.0)
     assert 'kl_reduction = "sum"' in summed and "T = 20" in summed
+    (cool,) = said("batchmean", 67.0, t=4.0)
+    assert "enough steps" in cool and f"({SUBSET:,} images)" in cool and "uniform" not in cool
     assert said("batchmean", 69.5) == []  # within a point of the hard labels: nothing to explain
 
 
