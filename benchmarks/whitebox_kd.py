@@ -6,7 +6,8 @@ its logits (KD loss of zsdb3kd.distill: CE + kl_weight * KL at temperature T). I
 seed white-box KD was below the hard labels. This benchmark trains both on the same images
 with the quickstart's settings over several seeds, and KD at other temperatures and weights
 (``kl_weight = T^2`` is Hinton et al.'s scaling) and other numbers of training steps, so
-the report can say why. Records are added to ``--out`` (a rerun of a cell replaces it).
+the report can say why. Records are added to ``--out`` (a rerun of a cell replaces it), and
+``command`` lists every command that wrote them, one per line.
 
     python benchmarks/whitebox_kd.py --teacher runs/quickstart/teacher-lenet5-*.safetensors \
         --out docs/results/whitebox-kd.json
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     logits = predict(teacher, sub.x)
     hard = logits.argmax(1)
     out = Path(a.out)
-    doc = json.loads(out.read_text()) if out.exists() else {"commands": [], "records": []}
+    doc = json.loads(out.read_text()) if out.exists() else {"command": "", "records": []}
     sha = file_sha256(a.teacher)
     if doc.get("teacher_sha256", sha) != sha:
         raise SystemExit(f"{out} holds records of another teacher: write to another --out")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {key(r) for r in new}
     command = "python benchmarks/whitebox_kd.py " + " ".join(argv)
     doc.update(teacher_sha256=sha, subset=a.subset, records=[r for r in doc["records"] if key(r) not in done] + new,
-               commands=[c for c in doc["commands"] if c != command] + [command])
+               command="\n".join([c for c in doc["command"].splitlines() if c != command] + [command]))
     write_json(out, doc)
     return 0
 

@@ -193,7 +193,7 @@ def whitebox_kd_table(doc: dict) -> str:
     by: dict[tuple, list[dict]] = defaultdict(list)
     for r in doc["records"]:
         by[(r["batch_size"], r["epochs"], r["variant"])].append(r)
-    lines = ["```bash\n" + "\n".join(doc["commands"]) + "\n```", "",
+    lines = [f"```bash\n{doc['command']}\n```", "",
              f"{doc['subset']} Fashion-MNIST training images, LeNet-5-half, 1 thread; teacher sha256 "
              f"`{doc['teacher_sha256'][:12]}`.", "",
              "| student | T | KL weight | batch | epochs | steps | seeds | test accuracy (%) | against `ce` trained alike |",
