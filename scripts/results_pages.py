@@ -142,7 +142,8 @@ def headline(doc: dict, v2: dict | None = None) -> str:
             ref = f"{_cell([r['test_acc'] for r in refs])} ({refs[0]['queries']:,} queries)" if refs else ""
             same = [r for r in (v2 or {}).get("records", []) if (r["dataset"], r["budget"]) == (dataset, b)]
             v = [r["test_acc"] for r in same if r["method"] == "budgeted-combo"]
-            v1 = [r["test_acc"] for r in same if r["method"] == "budgeted"]
+            v1 = [r["test_acc"] for r in same if r["method"] in ("budgeted", "budgeted-v1")
+                  and recipes().get(r.get("settings_key")) == "v1"]
             new = (f"**{_cell(v)}** ({len(v)} seed{'s' if len(v) > 1 else ''}; v1 with this teacher "
                    f"{statistics.mean(v1):.1f})" if v and v1 else f"**{_cell(v)}**" if v else "")
             lines.append(f"| {dataset} | {b:,} | {cell['random']} | {cell['budgeted']} | {new} | {quoted} | "
@@ -381,10 +382,13 @@ def _ablations() -> dict:
 
 def against(r: dict, ablations: dict) -> str:
     """The row a ``budgeted-<x>`` record is paired with: ``budgeted-combo`` when its settings are
-    recipe v2 with ``<x>``'s change (an ablation or lever measured while v2 was the default),
-    else ``budgeted`` (recipe v1 with it, or a record that predates the settings keys)."""
+    recipe v2 with ``<x>``'s change (an ablation or lever measured while v2 was the default) or it
+    is ``budgeted-v1`` (v1 by name), else ``budgeted`` (recipe v1 with it, or a record that
+    predates the settings keys)."""
     from zsdb3kd.budget import V1, BudgetSettings
 
+    if r["method"] == "budgeted-v1":  # recipe v1 by name, measured after v2 became the default
+        return "budgeted-combo"
     change = ablations.get(r["method"][len("budgeted"):])
     if r.get("settings_key") is None or r["method"] == "budgeted-combo" or change is None:
         return "budgeted"
