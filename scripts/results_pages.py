@@ -265,6 +265,16 @@ def boundary_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_time(rep: dict) -> str:
+    """How long the run took; for a rerun that reused stages, what they cost when they were made."""
+    st = rep.get("stages")
+    if not st or not st["reused"]:
+        return f"the whole run took {rep['wall_time_s'] / 60:.1f} min"
+    return (f"this report is a rerun that reused {len(st['reused'])} of its {len(st['reused']) + len(st['made'])} "
+            f"stages; their training, synthesis and soft labels took {st['time_s'] / 60:.1f} min when they were made, "
+            f"this invocation {rep['wall_time_s'] / 60:.1f} min")
+
+
 def run_table(doc: dict) -> str:
     """The students of one ``zsdb3kd run`` (its report.json kept with ``--record``)."""
     rep = doc["report"]
@@ -272,7 +282,7 @@ def run_table(doc: dict) -> str:
     lines = [f"```bash\n{doc['command']}\n```", "",
              f"Mode {rep['mode']}, {data['name']}; teacher `{t['arch']}` {t['test_acc']:.2f}% test accuracy "
              f"({t['train_config']['epochs']} epochs); "
-             + (doc["regenerated"] if doc.get("regenerated") else f"the whole run took {rep['wall_time_s'] / 60:.1f} min")
+             + _run_time(rep)
              + f" on {rep['environment']['threads']} thread(s) (zsdb3kd {rep['environment']['zsdb3kd']}, torch "
              f"{rep['environment']['torch']}).", "",
              "| student | method | teacher queries | test acc (%) | train time (s) |", "|---|---|---:|---:|---:|"]
@@ -382,12 +392,12 @@ def _ablations() -> dict:
 
 def against(r: dict, ablations: dict) -> str:
     """The row a ``budgeted-<x>`` record is paired with: ``budgeted-combo`` when its settings are
-    recipe v2 with ``<x>``'s change (an ablation or lever measured while v2 was the default) or it
-    is ``budgeted-v1`` (v1 by name), else ``budgeted`` (recipe v1 with it, or a record that
-    predates the settings keys)."""
+    recipe v2 with ``<x>``'s change (an ablation or lever measured while v2 was the default) or
+    recipe v1 itself (``budgeted-v1``, run after v2 became the default), else ``budgeted``
+    (recipe v1 with it, or a record that predates the settings keys)."""
     from zsdb3kd.budget import V1, BudgetSettings
 
-    if r["method"] == "budgeted-v1":  # recipe v1 by name, measured after v2 became the default
+    if r.get("settings_key") == BudgetSettings(**V1).key():  # v1 itself, beside the default it was replaced by
         return "budgeted-combo"
     change = ablations.get(r["method"][len("budgeted"):])
     if r.get("settings_key") is None or r["method"] == "budgeted-combo" or change is None:

@@ -353,8 +353,12 @@ def test_report_explains_whitebox_kd_below_hard_labels_by_the_loss_it_used(db3kd
 
 
 def _numbers(report):
+    """The report without its bookkeeping of time and reuse."""
     r = json.loads(json.dumps(report, default=str))
-    r.pop("wall_time_s")
+    for k in ("wall_time_s", "stages"):
+        r.pop(k)
+    for part in [r["teacher"], *r["students"], *r.get("robustness", {}).values()]:
+        part.pop("reused", None)
     return r
 
 
@@ -371,6 +375,12 @@ def test_db3kd_rerun_reuses_every_stage(db3kd_run, monkeypatch, test_set):
         again = run_experiment(cfg_path, run, progress=False)
     assert _numbers(again) == _numbers(report)
     assert _artifacts(run) == before  # nothing recomputed, nothing new
+    # the rerun says it made nothing, and what its reused stages cost when the first run made them
+    first, st = report["stages"], again["stages"]
+    assert first["reused"] == [] and st["made"] == [] and sorted(st["reused"]) == sorted(first["made"])
+    assert "soft labels (mbd)" in st["reused"] and f"student {STUDENTS_DB[0]}" in st["reused"]
+    assert st["time_s"] == first["time_s"] > again["wall_time_s"]
+    assert "reused" in (run / "report.md").read_text() and f"{first['time_s']:.1f} s" in (run / "report.md").read_text()
     # no training image went to the teacher: the only queries are the (uncounted) teacher
     # accuracy on the test set
     assert log.total <= N_TEST
@@ -392,8 +402,9 @@ def test_db3kd_other_config_needs_force(db3kd_run, data_dir, teacher, tmp_path, 
         forced = run_experiment(other, run, progress=False, force=True)
     # finished stages are reused by content: same numbers, no new teacher query on training images
     assert [r["method"] for r in forced["students"]] == ["ce", "mbd@100"]
-    assert _rows(forced)["ce"] == _rows(report)["ce"]
-    assert _rows(forced)["mbd@100"] == _rows(report)["mbd@100"]
+    assert _rows(forced)["ce"] == {**_rows(report)["ce"], "reused": True}
+    assert _rows(forced)["mbd@100"] == {**_rows(report)["mbd@100"], "reused": True}
+    assert forced["stages"]["made"] == []
     assert all(torch.equal(b, test_set.x[: len(b)]) for b in log.batches)
     assert json.loads((run / "config.resolved.json").read_text())["student"]["methods"] == ["ce", "mbd@100"]
 
@@ -661,6 +672,11 @@ def test_zero_shot_artifacts(zero_shot_run, teacher):
     assert torch.equal(torch.bincount(ps.y, minlength=K), torch.full((K,), 30))
     syn = report["synthesis"]
     assert len(syn["mean_distance"]) == 3
+    # a fresh run made every stage; their times add up to the report's stage time
+    st = report["stages"]
+    assert st["reused"] == [] and not syn["reused"] and {"synthesis", f"soft labels ({HSJA})"} <= set(st["made"])
+    assert st["time_s"] == pytest.approx(syn["wall_time_s"] + report["robustness"][HSJA]["wall_time_s"]
+                                         + sum(r["train_time_s"] for r in report["students"]), abs=0.2)
     assert report["data"]["subset"] + report["data"]["val"] == K * 30 and report["data"]["test"] == N_TEST
 
 

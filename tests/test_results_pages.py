@@ -84,6 +84,9 @@ def test_an_ablation_of_recipe_v2_is_paired_with_v2_and_a_lever_of_v1_with_v1():
                        rec("budgeted-no-mixup", 72.5, v2.replace(mixup=0.0))]}
     pages = _pages_module()
     assert pages.against(doc["records"][3], pages._ablations()) == "budgeted-combo"
+    # recipe v1 run after v2 became the default pairs with v2 by its settings, whatever its name
+    for name in ("budgeted-v1", "budgeted-recipe-one"):
+        assert pages.against(rec(name, 69.0, v1), pages._ablations()) == "budgeted-combo"
     rows = [line for line in pages.paired_table(doc).splitlines() if line.startswith("| d ")]
     assert rows == ["| d | 100 | `budgeted-combo` | `budgeted` | 1 | 74.00 | 70.00 | +4.00 | 1 of 1 |",
                     "| d | 100 | `budgeted-mixup` | `budgeted` | 1 | 71.00 | 70.00 | +1.00 | 1 of 1 |",

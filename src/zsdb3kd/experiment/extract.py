@@ -167,7 +167,7 @@ def budgeted_row(kind: str, budget: int, oracle: LabelOracle, student: str, sett
     done = work / "metrics.json"
     if done.exists():
         log.info(f"student[{kind}@{budget}]: reusing {work.name}")
-        return json.loads(done.read_text())
+        return {**json.loads(done.read_text()), "reused": True}
     log.info(f"student[{kind}@{budget}]: {budget:,} queries in {s.rounds + 1} round(s)")
     t0 = time.perf_counter()
     res = train_budgeted(oracle, student, budget, s, seed=seed, pool=None if pool is None else pool.x, work_dir=work,

@@ -97,6 +97,18 @@ def _whitebox_below(wb: dict[str, Any], subset: int | None) -> str:
                    "images over batch size): too few leave the soft targets unfitted (docs/results/whitebox-kd.md).")
 
 
+def timing(report: dict[str, Any]) -> str:
+    """The run's time in one sentence; a rerun that reused stages says what they cost when made."""
+    here = f"{report['wall_time_s']} s"
+    st = report.get("stages")
+    if not st or not st["reused"]:
+        return f"Total wall time of this invocation: {here}."
+    made = ", ".join(st["made"]) or "nothing new"
+    return (f"This invocation took {here}: it made {made} and reused {', '.join(st['reused'])} from an earlier "
+            f"invocation. Every stage of this report took {st['time_s']:.1f} s when it was made (training, "
+            "synthesis and soft labels, not loading and evaluation).")
+
+
 def write_report(run: Path, report: dict[str, Any], extras: dict[str, Any] | None = None) -> Path:
     """``report.md``, ``report.json`` and the plots in ``run``."""
     extras = extras or {}
@@ -143,7 +155,7 @@ def write_report(run: Path, report: dict[str, Any], extras: dict[str, Any] | Non
             reused = f"; {info['chunks_reused']} chunks reused" if info.get("chunks_reused") else ""
             lines.append(f"- {m}: {_fmt(info.get('total_queries'))} queries, {_fmt(info.get('wall_time_s'), 1)} s, "
                          f"{_fmt(info.get('queries_per_s'), 0)} q/s{reused}")
-    lines += ["", f"Total wall time of this invocation: {report['wall_time_s']} s.", ""]
+    lines += ["", timing(report), ""]
     md = run / "report.md"
     md.write_text("\n".join(lines))
     write_json(run / "report.json", report)

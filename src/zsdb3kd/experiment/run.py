@@ -85,6 +85,7 @@ def run_experiment(config: RunConfig | str | os.PathLike, run_dir: str | os.Path
     mode = _run_zero_shot if cfg.mode == "zero-shot" else _run_db3kd
     report, extras = mode(cfg, run, teacher, teacher_sha, teacher_metrics, progress)
     report["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    report["stages"] = stage_summary(report)
     report["environment"] = environment()
     if is_main():
         write_report(run, report, extras)
@@ -105,7 +106,7 @@ def _stage_teacher(cfg: RunConfig, run: Path, progress) -> tuple[str, dict[str, 
     mpath = path.with_suffix(".json")
     if path.exists() and mpath.exists():
         log.info(f"teacher: reusing {path.name}")
-        return str(path), json.loads(mpath.read_text())
+        return str(path), {**json.loads(mpath.read_text()), "reused": True}
     log.info(f"teacher: training {t.arch} for {t.epochs} epochs")
     metrics = train_teacher(splits, t.arch, path, tcfg, seed=cfg.seed, device=cfg.device, progress=progress)
     metrics["environment"] = environment()
@@ -144,9 +145,30 @@ def _robustness_rows(cfg, oracle, x, idx, pool, run, teacher_sha, data_key, data
             for m in cfg.robustness.methods if m in needed}
 
 
-def _robustness_summary(results: dict[str, tuple[RobustnessResult, Path]]) -> dict[str, Any]:
+def _robustness_summary(results: dict[str, tuple[RobustnessResult, Path, bool]]) -> dict[str, Any]:
     keys = ("total_queries", "wall_time_s", "queries_per_s", "chunks_reused", "queries_reused_from_chunks")
-    return {m: {k: r.provenance.get(k) for k in keys} for m, (r, _) in results.items()}
+    return {m: {**{k: r.provenance.get(k) for k in keys}, "reused": reused} for m, (r, _, reused) in results.items()}
+
+
+def stage_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What each stage of ``report`` cost when it was made, and which ones this invocation
+    reused from an earlier one: a rerun's wall time alone would not say what the whole run took.
+    ``time_s`` sums the stages' own times (teacher training, synthesis, soft labels, each
+    student's training), not the loading and evaluation around them."""
+    stages = []
+    t = report["teacher"]
+    if "train_time_s" in t:
+        stages.append(("teacher", t["train_time_s"], bool(t.get("reused"))))
+    if report.get("synthesis"):
+        syn = report["synthesis"]
+        stages.append(("synthesis", syn.get("wall_time_s") or 0.0, bool(syn.get("reused"))))
+    for m, r in (report.get("robustness") or {}).items():
+        stages.append((f"soft labels ({m})", r.get("wall_time_s") or 0.0, bool(r.get("reused"))))
+    for r in report["students"]:
+        stages.append((f"student {r['method']}", r.get("train_time_s") or 0.0, bool(r.get("reused"))))
+    return {"time_s": round(sum(s for _, s, _ in stages), 1),
+            "made": [n for n, _, reused in stages if not reused],
+            "reused": [n for n, _, reused in stages if reused]}
 
 
 def _run_db3kd(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, teacher_metrics, progress):
@@ -181,7 +203,7 @@ def _run_db3kd(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, teache
                    "kl_weight": cfg.student.kl_weight, "kl_reduction": cfg.student.kl_reduction}
             make = lambda: (sub.x, sub.y, teacher_logits(cfg.teacher.spec(teacher), sub.x, device))  # noqa: E731
         else:
-            res, rpath = results[method]
+            res, rpath, _ = results[method]
             extra, tl = soft_row(method, budget, res)
             row = {"method": spec, "label": f"DB3KD-{method.split(':')[0].upper()}", **extra}
             key_parts.append(rpath.name)
@@ -221,9 +243,11 @@ def _run_zero_shot(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, te
     if ppath.exists():
         log.info(f"synthesis: reusing {ppath.name}")
         pseudo = PseudoSamples.load(ppath)
+        syn_reused = True
     else:
         log.info(f"synthesis: {ss.per_class} x {num_classes} pseudo samples, {ss.iterations} rounds")
         pseudo = synthesize_to_file(ppath, oracle, ss, device=device, progress=progress)
+        syn_reused = False
     q_syn = int(pseudo.provenance["total_queries"])
     log.info(f"synthesis: {q_syn:,} queries; mean boundary distance {pseudo.mean_distance[0]:.3f} -> "
              f"{pseudo.mean_distance[-1]:.3f}")
@@ -276,7 +300,7 @@ def _run_zero_shot(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, te
                                              work_dir=labels, progress=progress)
                 return xs[:n_train], ys[:n_train], None, (xs[n_train:], ys[n_train:])
         else:
-            res, rpath = results[method]
+            res, rpath, _ = results[method]
             extra, tl = soft_row(method, budget, res, q_syn)
             row = {"method": spec, "label": f"ZSDB3KD-{method.split(':')[0].upper()}", **extra}
             key_parts.append(rpath.name)
@@ -288,6 +312,6 @@ def _run_zero_shot(cfg: RunConfig, run: Path, teacher: str, teacher_sha: str, te
               "teacher": {**teacher_metrics, "sha256": teacher_sha, "path": str(teacher)},
               "data": {"name": cfg.data.name, "subset": len(px), "val": len(va_idx), "test": len(test),
                        "note": "subset/val are pseudo samples; no real training image or label is used"},
-              "synthesis": {**pseudo.provenance, "mean_distance": pseudo.mean_distance.tolist()},
+              "synthesis": {**pseudo.provenance, "mean_distance": pseudo.mean_distance.tolist(), "reused": syn_reused},
               "robustness": _robustness_summary(results), "students": rows}
     return report, {"pseudo": pseudo, "classes": test.classes}

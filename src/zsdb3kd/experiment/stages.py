@@ -97,19 +97,20 @@ def oracle_accuracy(oracle: LabelOracle, x: torch.Tensor, y: torch.Tensor) -> fl
 
 def robustness_stage(oracle: LabelOracle, settings: RobustnessSettings, x: torch.Tensor, indices: torch.Tensor,
                      pool: CandidatePool | None, run: Path, teacher_sha: str, data_key: str, data_name: str,
-                     progress: bool | None, device: str = "cpu") -> tuple[RobustnessResult, Path]:
-    """Distances of ``x`` (reused from ``run`` if an artifact with the same key exists)."""
+                     progress: bool | None, device: str = "cpu") -> tuple[RobustnessResult, Path, bool]:
+    """Distances of ``x``, their file, and whether it was reused from ``run`` (an artifact with
+    the same key existed)."""
     rkey = content_key("robustness", teacher_sha, data_key, indices.tolist(), settings.key(), length=12)
     out = run / f"robustness-{settings.name}-{rkey}.safetensors"
     if out.exists():
         log.info(f"robustness[{settings.method}]: reusing {out.name}")
-        return RobustnessResult.load(out), out
+        return RobustnessResult.load(out), out, True
     per = settings.per_pair()
     log.info(f"robustness[{settings.method}]: {len(x)} samples x {oracle.num_classes - 1} targets"
              + (f", at most {per:,} queries per pair" if per else " (no queries: nearest samples)"))
     res = compute_to_file(out, oracle, x.to(device), settings, pool=pool, indices=indices, progress=progress,
                           provenance={"teacher_sha256": teacher_sha, "data": data_name, "data_key": data_key})
-    return res, out
+    return res, out, False
 
 
 def soft_row(method: str, budget: int | None, res: RobustnessResult, extra_queries: int = 0
@@ -138,7 +139,7 @@ def student_row(spec: str, arch: str, run: Path, config: TrainSettings, seed: in
     mpath = out.with_suffix(".json")
     if mpath.exists() and out.exists():
         log.info(f"student[{spec}]: reusing {out.name}")
-        return json.loads(mpath.read_text())
+        return {**json.loads(mpath.read_text()), "reused": True}
     inputs = make_inputs()
     x, y, tl = inputs[:3]
     if len(inputs) > 3:
