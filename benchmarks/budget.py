@@ -372,6 +372,7 @@ def main() -> None:
                            "wall_s": round(time.perf_counter() - t0, 1),  # this process's part
                            **({"resumed": True} if resumed else {}),
                            "threads": torch.get_num_threads(), "command": doc["command"],
+                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                            **({"device": args.device} if on_gpu and kind in ("budgeted", "pool") else {})}
                     assert budget is None or spent <= budget, rec
                     print(json.dumps(rec), flush=True)

@@ -517,6 +517,8 @@ def test_saved_result_records_its_environment(tmp_path):
     back = RobustnessResult.load(res.save(tmp_path / "r.safetensors"))
     env = back.provenance["environment"]
     assert env["threads"] == torch.get_num_threads() and env["torch"] == torch.__version__
+    # another instruction set picks other kernels (other bits): the record says which ran
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
     assert back.provenance == res.provenance and back.provenance["seed"] == 0
 
 

@@ -88,12 +88,15 @@ def generator(seed: int, *names: Any) -> torch.Generator:
 
 def environment() -> dict[str, Any]:
     """What a result's exact numbers depend on beyond its settings and seed. PyTorch's CPU
-    kernels may sum in another order with another number of threads, so a rerun reproduces
-    the numbers bit for bit only with the same versions, device type and thread count."""
+    kernels may sum in another order with another number of threads or another instruction
+    set (``cpu_capability``: the vector kernels PyTorch chose, e.g. AVX2 or AVX512), so a rerun
+    reproduces the numbers bit for bit only with the same versions, device type, instruction
+    set and thread count."""
     from . import __version__
 
     return {"zsdb3kd": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "threads": torch.get_num_threads()}
+            "machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
 
 
 def save_tagged(path: str | os.PathLike, tensors: dict[str, torch.Tensor], fmt: str,
