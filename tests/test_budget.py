@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from zsdb3kd.budget import BudgetSettings, build_student, plan_rounds, train_budgeted
+from zsdb3kd.budget import V1, BudgetSettings, build_student, plan_rounds, train_budgeted
 from zsdb3kd.budget import candidates as C
 from zsdb3kd.budget import method as M
 from zsdb3kd.budget.select import choose, uncertainty
-from zsdb3kd.settings import ConfigError
+from zsdb3kd.settings import ConfigError, validate
 from zsdb3kd.oracle import TorchOracle
 
 K = 4
@@ -325,11 +325,37 @@ def test_a_setting_added_later_keeps_the_names_of_recipes_measured_before_it():
 
     s = BudgetSettings()
     before = s.model_dump(mode="json")
-    for name in ("mutate_errors", "mutate_same_class"):
+    for name in ("recipe", "mutate_errors", "mutate_same_class"):
         del before[name]  # the recipe as it was named before the setting existed
     assert s.key() == content_key(before)
+    # the keys of the records in docs/results: recipe v2 (budgeted-combo) and v1
+    assert s.key() == "64443510f026a2c2"
+    assert BudgetSettings(recipe="v1").key() == BudgetSettings(**V1).key() == "740b77bcd607a2a0"
     assert s.replace(mutate_errors=0.5).key() != s.key()
     assert s.replace(mutate_same_class=0.5).key() not in (s.key(), s.replace(mutate_errors=0.5).key())
+
+
+def test_a_named_recipe_sets_its_settings_and_those_given_beside_it_win():
+    v1 = BudgetSettings(recipe="v1")
+    assert {k: getattr(v1, k) for k in V1} == V1 and v1.recipe == "v1"
+    mine = BudgetSettings(recipe="v1", mixup=0.3, final_epochs=90)
+    assert (mine.mixup, mine.final_epochs, mine.weight_decay) == (0.3, 90, V1["weight_decay"])
+    # from the command line and a run file alike
+    from zsdb3kd.cli import BUDGET, build_parser
+
+    args = build_parser().parse_args(["extract", "--teacher", "t.safetensors", "--budget", "10", "--out", "s",
+                                      "--recipe", "v1", "--mixup", "0.3", "--final-epochs", "90"])
+    assert BUDGET.build(args) == mine
+    from zsdb3kd.experiment.config import RunConfig
+
+    assert RunConfig.model_validate({"budget": {"recipe": "v1", "mixup": 0.3, "final_epochs": 90}}).budget == mine
+    # another recipe in a copy: its own settings replace the old recipe's, the ones set beside it stay
+    back = mine.replace(recipe="v2")
+    assert (back.mixup, back.final_epochs) == (0.3, 90)
+    assert back.candidates == BudgetSettings().candidates and back.weight_decay == BudgetSettings().weight_decay
+    assert BudgetSettings().replace(recipe="v1") == v1 and v1.replace(recipe="v2") == BudgetSettings()
+    with pytest.raises(ConfigError, match="recipe"):
+        validate(BudgetSettings, {"recipe": "v3"})
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])

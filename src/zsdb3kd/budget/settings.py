@@ -22,7 +22,8 @@ that measured ahead of it on average: handwriting-like ``curves`` in the candida
 ``weight_decay = 5e-4`` and a freshly initialised final student (``final_fresh``) trained for
 ``final_epochs = 120``. Paired by seed with v1 they were ahead at every budget measured
 (Fashion-MNIST +0.4 to +2.8 points up to 20,000 queries, ten of ten seeds at 10,000; MNIST +2.0
-at 20,000) and level at 50,000 (77.4% over three seeds, v1 77.4-77.8%; docs/budget.md). ``V1`` restores the first recipe. Off by default, on request:
+at 20,000) and level at 50,000 (77.4% over three seeds, v1 77.4-77.8%; docs/budget.md). ``recipe = "v1"`` (the
+settings ``V1``) restores the first recipe; settings given beside it override it. Off by default, on request:
 ``acquisition = "committee"`` (the student and its snapshot of one round earlier) and
 ``rare_boost`` (more queries for the classes the teacher has given least), measured level
 (docs/budget.md), ``mutate_errors`` (vary the labelled images the student gets wrong) and ``mutate_same_class``
@@ -31,12 +32,21 @@ at 20,000) and level at 50,000 (77.4% over three seeds, v1 77.4-77.8%; docs/budg
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from ..settings import Settings, content_key
+from ..settings import Settings, content_key, validate
 from .candidates import GENERATORS
+
+#: the first recipe (the defaults until 2026-12-04): ``BudgetSettings(**V1)``
+V1: dict = {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0}, "mixup": 0.0,
+            "weight_decay": 0.0, "final_fresh": False, "final_epochs": 60.0}
+
+
+#: named recipes: the settings each changes from the defaults (recipe v2)
+RECIPES: dict[str, dict] = {"v2": {}, "v1": V1}
+Recipe = Literal["v2", "v1"]
 
 Acquisition = Literal["margin", "entropy", "random", "confident", "committee"]
 ACQUISITIONS: tuple[str, ...] = get_args(Acquisition)
@@ -45,6 +55,8 @@ ACQUISITIONS: tuple[str, ...] = get_args(Acquisition)
 class BudgetSettings(Settings):
     """Budgeted student: rounds of synthesise, choose, query, train."""
 
+    recipe: Recipe = Field("v2", description="named starting point: v2 (the default) or v1 (the first recipe); "
+                                             "settings given beside it override it")
     rounds: int = Field(8, ge=0, description="active rounds after the first (0: one round, no active choice)")
     init_fraction: float = Field(0.2, gt=0, lt=1, description="share of the budget spent in the first round")
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of each round's queries held out to "
@@ -85,11 +97,30 @@ class BudgetSettings(Settings):
     mixup: float = Field(0.5, ge=0, le=1, description="share of each batch mixed with another of its images, "
                                                       "labels mixed alike")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """The named recipe's settings, where the same mapping does not give them."""
+        if isinstance(data, dict) and data.get("recipe") in RECIPES:
+            return {**RECIPES[data["recipe"]], **data}
+        return data
+
+    def replace(self, **changes: Any) -> "BudgetSettings":
+        """A validated copy with ``changes`` applied. A new ``recipe`` brings its own settings
+        in place of the old recipe's, and keeps those that were set beside the old one."""
+        if "recipe" not in changes or changes["recipe"] == self.recipe:
+            return super().replace(**changes)
+        old = type(self)(recipe=self.recipe)
+        kept = {k: v for k, v in self.model_dump().items() if k != "recipe" and v != getattr(old, k)}
+        return validate(type(self), {**kept, **changes})
+
     def identity(self) -> dict:
-        """The settings that name the recipe: every one, less those added after recipes were
-        named (``LATER``) while they are at the value that keeps the recipe as it was, so a
-        recipe measured, or a run begun, before a setting existed keeps its name."""
+        """The settings that name the recipe: every value (the ``recipe`` preset's name is not
+        one: its values are), less those added after recipes were named (``LATER``) while they
+        are at the value that keeps the recipe as it was, so a recipe measured, or a run begun,
+        before a setting existed keeps its name."""
         d = self.model_dump(mode="json")
+        del d["recipe"]
         for name, unchanged in LATER.items():
             if d[name] == unchanged:
                 del d[name]
@@ -118,11 +149,6 @@ class BudgetSettings(Settings):
 
 #: settings added after recipes were named by their key, and the value that changes nothing
 LATER: dict = {"mutate_errors": 0.0, "mutate_same_class": 0.0}
-
-#: the first recipe (the defaults until 2026-12-04): ``BudgetSettings(**V1)``
-V1: dict = {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes": 1.0}, "mixup": 0.0,
-            "weight_decay": 0.0, "final_fresh": False, "final_epochs": 60.0}
-
 
 def plan_rounds(budget: int, rounds: int, init_fraction: float) -> list[int]:
     """Queries per round: ``init_fraction`` of ``budget`` first, the rest split evenly; every
