@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from zsdb3kd.budget import V1
+from zsdb3kd.budget import V1, BudgetSettings
 from zsdb3kd.data import DataSettings
 from zsdb3kd.distill import TrainSettings, accuracy, predict, train
 from zsdb3kd.experiment.stages import train_teacher
@@ -67,6 +67,10 @@ DATASETS = {  # name -> (data settings, teacher arch, teacher epochs, student ar
 OTHER_POOL = {"fashion-mnist": "mnist", "mnist": "fashion-mnist"}
 
 
+#: what every budgeted method changes: recipe v2 by name on every dataset (the library's default,
+#: ``recipe = "auto"``, runs v1 on colour images: that is ``budgeted-v1`` here)
+BASE = BudgetSettings(recipe="v2")
+
 #: one ingredient off each (keys of zsdb3kd.budget.BudgetSettings)
 ABLATIONS = {
     "": {},
@@ -77,7 +81,7 @@ ABLATIONS = {
     "-no-aug": {"augment_labelled": 0.0},
     "-one-round": {"rounds": 0},
     "-off": None,  # every ingredient off, same training steps: zsdb3kd.experiment.extract.recipe("random")
-    "-v1": V1,  # the first recipe, the defaults until 2026-12-04
+    "-v1": {"recipe": "v1"},  # the first recipe, the defaults until 2026-12-04
     # recipe v2's own levers, one off each (the ablations of the defaults since 2026-12-04)
     "-no-mixup": {"mixup": 0.0},
     "-no-curves": {"candidates": V1["candidates"]},
@@ -119,13 +123,12 @@ ABLATIONS = {
 
 def parse(method: str) -> tuple[str, dict]:
     """``(kind, overrides)`` of a method name."""
-    from zsdb3kd.budget import BudgetSettings
     from zsdb3kd.experiment.extract import recipe
 
     for kind in ("budgeted", "pool"):
         if method.startswith(kind) and method[len(kind):] in ABLATIONS:
             extra = ABLATIONS[method[len(kind):]]
-            return kind, extra if extra is not None else recipe("random", BudgetSettings()).model_dump()
+            return kind, extra if extra is not None else recipe("random", BASE).model_dump()
     if method.startswith("pool-other") and method[len("pool-other"):] in ABLATIONS:
         return "pool-other", ABLATIONS[method[len("pool-other"):]] or {}
     if method in ("random", "paper", "all-labels", "whitebox-kd"):
@@ -210,7 +213,7 @@ def run_paper(oracle, student: str, budget: int, seed: int):
 
 def run_budgeted(oracle, student: str, budget: int, seed: int, overrides: dict, pool: torch.Tensor | None,
                  device: str = "cpu", work_dir: Path | None = None, name: str = ""):
-    from zsdb3kd.budget import BudgetSettings, train_budgeted
+    from zsdb3kd.budget import train_budgeted
 
     t0 = time.perf_counter()
 
@@ -218,7 +221,7 @@ def run_budgeted(oracle, student: str, budget: int, seed: int, overrides: dict, 
         print(f"{name}: round {entry['round'] + 1}/{rounds}, {entry['total_queries']:,} queries, "
               f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
-    res = train_budgeted(oracle, student, budget, BudgetSettings().replace(**overrides), seed=seed, pool=pool,
+    res = train_budgeted(oracle, student, budget, BASE.replace(**overrides), seed=seed, pool=pool,
                          device=device, work_dir=work_dir, progress=progress if name else None)
     return res.student.cpu(), res.queries  # the whole run's queries, a resumed part included
 
@@ -254,9 +257,7 @@ def settings_key(kind: str, overrides: dict) -> str | None:
     name meant when it was measured; ``None`` for the other kinds."""
     if kind not in ("budgeted", "pool", "pool-other"):
         return None
-    from zsdb3kd.budget import BudgetSettings
-
-    return BudgetSettings().replace(**overrides).key()
+    return BASE.replace(**overrides).key()
 
 
 def refuse_other_recipe(doc: dict, rec: dict, out: Path) -> None:

@@ -91,9 +91,9 @@ def budget_tables(doc: dict) -> str:
 
 def recipes() -> dict[str, str]:
     """settings_key -> name of the budgeted student's recipes: v1 (the first defaults) and v2."""
-    from zsdb3kd.budget import V1, BudgetSettings
+    from zsdb3kd.budget import BudgetSettings
 
-    return {BudgetSettings(**V1).key(): "v1", BudgetSettings().key(): "v2"}
+    return {BudgetSettings(recipe="v1").key(): "v1", BudgetSettings(recipe="v2").key(): "v2"}
 
 
 def recipe_of(doc: dict) -> str:
@@ -402,7 +402,7 @@ def against(r: dict, ablations: dict) -> str:
     change = ablations.get(r["method"][len("budgeted"):])
     if r.get("settings_key") is None or r["method"] == "budgeted-combo" or change is None:
         return "budgeted"
-    on_v1, on_v2 = BudgetSettings(**V1).replace(**change).key(), BudgetSettings().replace(**change).key()
+    on_v1, on_v2 = BudgetSettings(recipe="v1").replace(**change).key(), BudgetSettings(recipe="v2").replace(**change).key()
     return "budgeted-combo" if r["settings_key"] == on_v2 != on_v1 else "budgeted"
 
 

@@ -353,9 +353,48 @@ def test_a_named_recipe_sets_its_settings_and_those_given_beside_it_win():
     back = mine.replace(recipe="v2")
     assert (back.mixup, back.final_epochs) == (0.3, 90)
     assert back.candidates == BudgetSettings().candidates and back.weight_decay == BudgetSettings().weight_decay
-    assert BudgetSettings().replace(recipe="v1") == v1 and v1.replace(recipe="v2") == BudgetSettings()
+    assert BudgetSettings().replace(recipe="v1") == v1 and v1.replace(recipe="v2") == BudgetSettings(recipe="v2")
     with pytest.raises(ConfigError, match="recipe"):
         validate(BudgetSettings, {"recipe": "v3"})
+
+
+def test_auto_runs_v2_on_one_channel_images_and_v1_on_colour_ones_keeping_what_was_given(tmp_path, monkeypatch):
+    auto = BudgetSettings()
+    assert auto.recipe == "auto" and auto.key() == BudgetSettings(recipe="v2").key()
+    assert auto.for_input((1, 28, 28)) == BudgetSettings(recipe="v2")
+    assert auto.for_input((3, 32, 32)) == BudgetSettings(recipe="v1")
+    assert BudgetSettings(recipe="v2").for_input((3, 32, 32)).recipe == "v2"  # a named recipe stays
+    # given settings stay given, even one at v2's value (mixup) and through a copy
+    colour = BudgetSettings(mixup=0.5, lr=2e-3).replace(batch_size=64).for_input((3, 32, 32))
+    assert (colour.recipe, colour.mixup, colour.lr, colour.batch_size) == ("v1", 0.5, 2e-3, 64)
+    assert (colour.weight_decay, colour.final_epochs) == (V1["weight_decay"], V1["final_epochs"])
+    # a run resolves it before its first query, and stores the resolved recipe's identity
+    run = M._Run(oracle_for((3, 8, 8)), "mlp", 10, FAST, 0, None, None, "cpu", None)
+    assert run.s == FAST.for_input((3, 8, 8)) and run.s.recipe == "v1" and run.s.mixup == 0.0
+    assert run._meta()["settings"] == FAST.for_input((3, 8, 8)).identity() != FAST.identity()
+    # and so does a run file's row, whose artifacts are named by the resolved recipe
+    from zsdb3kd.experiment import extract
+
+    seen = {}
+
+    def spy(oracle, student, budget, s, **kw):
+        seen["s"], seen["work"] = s, kw["work_dir"]
+        raise Interrupt("stop before training")
+
+    monkeypatch.setattr(extract, "train_budgeted", spy)
+    with pytest.raises(Interrupt):
+        extract.budgeted_row("budgeted", 10, oracle_for((3, 8, 8)), "mlp", BudgetSettings(), 0, tmp_path, "sha",
+                             None, None, "cpu", [])
+    assert seen["s"] == BudgetSettings(recipe="v1")
+    with pytest.raises(Interrupt):
+        extract.budgeted_row("budgeted", 10, oracle_for((3, 8, 8)), "mlp", BudgetSettings(recipe="v1"), 0, tmp_path,
+                             "sha", None, None, "cpu", [])
+    assert seen["s"] == BudgetSettings(recipe="v1")
+    first = seen["work"]
+    with pytest.raises(Interrupt):
+        extract.budgeted_row("budgeted", 10, oracle_for((3, 8, 8)), "mlp", BudgetSettings(), 0, tmp_path, "sha",
+                             None, None, "cpu", [])
+    assert seen["work"] == first
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])

@@ -100,8 +100,9 @@ class _Run:
 
     def __init__(self, oracle, arch: str, budget: int, s: BudgetSettings, seed: int, pool, work_dir, device,
                  progress) -> None:
-        self.s, self.seed, self.arch, self.budget = s, int(seed), arch, int(budget)
         self.shape = tuple(int(v) for v in oracle.input_shape)
+        self.s, self.seed, self.arch, self.budget = s.for_input(self.shape), int(seed), arch, int(budget)
+        s = self.s
         self.k = int(oracle.num_classes)
         self.device = torch.device(device)
         self.progress = progress
@@ -291,7 +292,8 @@ def train_budgeted(oracle, student: str, budget: int, settings: BudgetSettings |
             included, it is asked about ``budget`` images, never more.
         student: a registered architecture (``zsdb3kd list-models``).
         budget: total teacher queries.
-        settings: the recipe (default: the best measured).
+        settings: the recipe (default ``recipe = "auto"``: the best measured for the images'
+            channels, :meth:`BudgetSettings.for_input`).
         seed: every random stream and the initial weights derive from it.
         pool: real unlabelled images ``(N, C, H, W)`` in [0, 1] (the DB3KD setting without
             labels): they replace the synthetic candidates.

@@ -23,7 +23,9 @@ that measured ahead of it on average: handwriting-like ``curves`` in the candida
 ``final_epochs = 120``. Paired by seed with v1 they were ahead at every budget measured
 (Fashion-MNIST +0.4 to +2.8 points up to 20,000 queries, ten of ten seeds at 10,000; MNIST +2.0
 at 20,000) and level at 50,000 (77.4% over three seeds, v1 77.4-77.8%; docs/budget.md). ``recipe = "v1"`` (the
-settings ``V1``) restores the first recipe; settings given beside it override it. Off by default, on request:
+settings ``V1``) restores the first recipe; settings given beside it override it. The default,
+``recipe = "auto"``, runs v2 on one-channel images and v1 on colour ones: on CIFAR-10 v1 was ahead
+of v2 in every pair measured (docs/budget.md). Off by default, on request:
 ``acquisition = "committee"`` (the student and its snapshot of one round earlier) and
 ``rare_boost`` (more queries for the classes the teacher has given least), measured level
 (docs/budget.md), ``mutate_errors`` (vary the labelled images the student gets wrong) and ``mutate_same_class``
@@ -32,6 +34,7 @@ settings ``V1``) restores the first recipe; settings given beside it override it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
@@ -44,9 +47,9 @@ V1: dict = {"candidates": {"objects": 2.0, "noise": 1.0, "strokes": 1.0, "shapes
             "weight_decay": 0.0, "final_fresh": False, "final_epochs": 60.0}
 
 
-#: named recipes: the settings each changes from the defaults (recipe v2)
+#: named recipes: the settings each changes from the field defaults (recipe v2)
 RECIPES: dict[str, dict] = {"v2": {}, "v1": V1}
-Recipe = Literal["v2", "v1"]
+Recipe = Literal["auto", "v2", "v1"]
 
 Acquisition = Literal["margin", "entropy", "random", "confident", "committee"]
 ACQUISITIONS: tuple[str, ...] = get_args(Acquisition)
@@ -55,8 +58,9 @@ ACQUISITIONS: tuple[str, ...] = get_args(Acquisition)
 class BudgetSettings(Settings):
     """Budgeted student: rounds of synthesise, choose, query, train."""
 
-    recipe: Recipe = Field("v2", description="named starting point: v2 (the default) or v1 (the first recipe); "
-                                             "settings given beside it override it")
+    recipe: Recipe = Field("auto", description="named starting point: v2, v1 (the first recipe), or auto: v2 for "
+                                               "one-channel images, v1 for colour ones (what measured best on "
+                                               "each); settings given beside it override it")
     rounds: int = Field(8, ge=0, description="active rounds after the first (0: one round, no active choice)")
     init_fraction: float = Field(0.2, gt=0, lt=1, description="share of the budget spent in the first round")
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of each round's queries held out to "
@@ -106,13 +110,24 @@ class BudgetSettings(Settings):
         return data
 
     def replace(self, **changes: Any) -> "BudgetSettings":
-        """A validated copy with ``changes`` applied. A new ``recipe`` brings its own settings
-        in place of the old recipe's, and keeps those that were set beside the old one."""
-        if "recipe" not in changes or changes["recipe"] == self.recipe:
-            return super().replace(**changes)
-        old = type(self)(recipe=self.recipe)
-        kept = {k: v for k, v in self.model_dump().items() if k != "recipe" and v != getattr(old, k)}
-        return validate(type(self), {**kept, **changes})
+        """A validated copy with ``changes`` applied. Settings that were given (not defaults)
+        stay given; a new ``recipe`` brings its own settings in place of the old recipe's and
+        keeps the others that were given."""
+        given = self.model_dump(include=self.model_fields_set - {"recipe"})
+        if changes.get("recipe", self.recipe) != self.recipe:
+            preset = RECIPES.get(self.recipe, {})
+            given = {k: v for k, v in given.items() if k not in preset or v != preset[k]}
+        return validate(type(self), {**given, "recipe": self.recipe, **changes})
+
+    def for_input(self, input_shape: Sequence[int]) -> "BudgetSettings":
+        """The settings of a run on ``(C, H, W)`` images: ``recipe = "auto"`` becomes v2 for
+        one-channel images and v1 for more channels, keeping what was set beside it; a named
+        recipe stays. On Fashion-MNIST and MNIST v2 was ahead of v1 at every budget measured;
+        on CIFAR-10 v1 was ahead in every pair (docs/budget.md). Until a run resolves it,
+        ``auto`` has v2's values (and key)."""
+        if self.recipe != "auto":
+            return self
+        return self.replace(recipe="v2" if int(input_shape[0]) == 1 else "v1")
 
     def identity(self) -> dict:
         """The settings that name the recipe: every value (the ``recipe`` preset's name is not

@@ -124,6 +124,7 @@ def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.P
         raise ConfigError("--pool train needs --data (whose training images become the pool)")
     images = data.load("train") if pool else None  # labels never read: the pool is images only
     check_inputs(oracle, student, None, images, budget)
+    settings = settings.for_input(oracle.input_shape)
     if data is not None and evaluate:  # what can be known of the test split without reading it
         data.check_readable()
         known, want = data.image_shape("test"), tuple(oracle.input_shape)
@@ -161,7 +162,7 @@ def budgeted_row(kind: str, budget: int, oracle: LabelOracle, student: str, sett
                  run: Path, teacher_sha: str, test: ImageSet, pool: ImageSet | None, device: str,
                  key_parts: list) -> dict[str, Any]:
     """One report row of a run file: trained (or resumed, or reused) in ``run``."""
-    s = recipe(kind, settings)
+    s = recipe(kind, settings.for_input(oracle.input_shape))
     key = content_key("budgeted", kind, budget, student, s.key(), seed, teacher_sha, *key_parts, length=12)
     work = run / f"{kind}-{budget}-{key}"
     done = work / "metrics.json"
