@@ -86,7 +86,8 @@ def test_extract_pays_the_budget_exactly_and_reads_the_test_split_once_at_the_en
     loads = [e for e in spy.events if e[0] == "load"]
     assert loads == [("load", "test")] and spy.events[-1] == ("load", "test")  # once, after the last query
     assert 0 <= metrics["test_acc"] <= 100 and out.is_file()
-    assert "300 queries" in capsys.readouterr().out
+    assert metrics["settings"]["recipe"] == "v2"  # recipe auto on one-channel images
+    assert "recipe v2, 300 queries" in capsys.readouterr().out
     spy.events.clear()  # a rerun replays every answer: nothing is paid
     assert main(args) == 0
     assert spy.queries == 0 and json.loads(Path(f"{out}.json").read_text())["paid_this_run"] == 0

@@ -342,7 +342,8 @@ def _cmd_extract(args) -> int:
                     pool=args.pool == "train", evaluate=not args.no_evaluate, seed=common.seed, work_dir=args.work_dir, device=common.device,
                     query_budget=args.query_budget, plan_only=args.plan)
     test = f"  test {m['test_acc']:.2f}%" if "test_acc" in m else ""
-    print(f"{args.student} (budgeted, {m['queries']:,} queries, {m['paid_this_run']:,} paid now): held-out agreement "
+    print(f"{args.student} (budgeted, recipe {m['settings']['recipe']}, {m['queries']:,} queries, "
+          f"{m['paid_this_run']:,} paid now): held-out agreement "
           f"{m['agreement_held_out']:.2f}%{test}  -> {args.out}")
     return 0
 
