@@ -364,6 +364,7 @@ def test_auto_runs_v2_on_one_channel_images_and_v1_on_colour_ones_keeping_what_w
     assert auto.for_input((1, 28, 28)) == BudgetSettings(recipe="v2")
     assert auto.for_input((3, 32, 32)) == BudgetSettings(recipe="v1")
     assert BudgetSettings(recipe="v2").for_input((3, 32, 32)).recipe == "v2"  # a named recipe stays
+    assert auto.for_input((4, 8, 8)).recipe == "v1" and auto.for_input((64,)).recipe == "v2"  # RGBA; flat features
     # given settings stay given, even one at v2's value (mixup) and through a copy
     colour = BudgetSettings(mixup=0.5, lr=2e-3).replace(batch_size=64).for_input((3, 32, 32))
     assert (colour.recipe, colour.mixup, colour.lr, colour.batch_size) == ("v1", 0.5, 2e-3, 64)

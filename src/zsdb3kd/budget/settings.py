@@ -120,14 +120,15 @@ class BudgetSettings(Settings):
         return validate(type(self), {**given, "recipe": self.recipe, **changes})
 
     def for_input(self, input_shape: Sequence[int]) -> "BudgetSettings":
-        """The settings of a run on ``(C, H, W)`` images: ``recipe = "auto"`` becomes v2 for
-        one-channel images and v1 for more channels, keeping what was set beside it; a named
+        """The settings of a run on ``(C, H, W)`` images: ``recipe = "auto"`` becomes v1 for
+        images of more than one channel and v2 for the rest, keeping what was set beside it; a named
         recipe stays. On Fashion-MNIST and MNIST v2 was ahead of v1 at every budget measured;
         on CIFAR-10 v1 was ahead in every pair (docs/budget.md). Until a run resolves it,
         ``auto`` has v2's values (and key)."""
         if self.recipe != "auto":
             return self
-        return self.replace(recipe="v2" if int(input_shape[0]) == 1 else "v1")
+        colour = len(input_shape) == 3 and int(input_shape[0]) > 1
+        return self.replace(recipe="v1" if colour else "v2")
 
     def identity(self) -> dict:
         """The settings that name the recipe: every value (the ``recipe`` preset's name is not
