@@ -125,7 +125,7 @@ def headline(doc: dict, v2: dict | None = None) -> str:
     recs = doc["records"]
     want = {"fashion-mnist": (10_000, 50_000), "mnist": (20_000,), "cifar10": (10_000, 50_000)}
     lines = [f"| data | queries | random images (before) | budgeted student, recipe {recipe_of(doc)} (no data) | "
-             "**recipe v2, the default** (no data; a retrained teacher) | best published (hard "
+             "**recipe v2**, the default on one-channel images (no data; a retrained teacher) | best published (hard "
              "labels, no data) | budgeted, real unlabelled pool | all training images labelled |",
              "|---|---:|---:|---:|---:|---|---:|---:|"]
     for dataset, budgets in want.items():
