@@ -402,7 +402,8 @@ def against(r: dict, ablations: dict) -> str:
     change = ablations.get(r["method"][len("budgeted"):])
     if r.get("settings_key") is None or r["method"] == "budgeted-combo" or change is None:
         return "budgeted"
-    on_v1, on_v2 = BudgetSettings(recipe="v1").replace(**change).key(), BudgetSettings(recipe="v2").replace(**change).key()
+    on_v1 = BudgetSettings(recipe="v1").replace(**change).key()
+    on_v2 = BudgetSettings(recipe="v2").replace(**change).key()
     return "budgeted-combo" if r["settings_key"] == on_v2 != on_v1 else "budgeted"
 
 

@@ -292,4 +292,10 @@ def test_the_plan_counts_every_training_step_of_the_run_and_times_them_before_an
     planned = planned_steps(plan_rounds(777, settings.rounds, settings.init_fraction), settings)
     # the held-out share is drawn image by image, so the plan counts its expected size
     assert steps > 0 and abs(planned - steps) <= 0.03 * steps
-    assert f"; about {planned:,} training steps, " in plan_text and " ms each" in plan_text
+    assert f"; recipe v2, about {planned:,} training steps, " in plan_text and " ms each" in plan_text
+    # a colour teacher's plan names the recipe auto picks for it, still without a query
+    colour = _teacher(tmp_path / "colour.safetensors", shape=(3, 32, 32))
+    spy.events.clear()
+    assert main(["extract", "--teacher", str(colour), "--budget", "777", "--no-evaluate", "--out",
+                 str(tmp_path / "c.safetensors"), *FAST, "--plan"]) == 0
+    assert "; recipe v1, about " in capsys.readouterr().out and spy.queries == 0

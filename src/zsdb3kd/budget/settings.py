@@ -16,7 +16,7 @@ augmented labelled images  ``augment_labelled = 0``
 rounds                     ``rounds = 0`` (one non-active round: the ``random`` baseline)
 =========================  ==========================================================
 
-The defaults since 2026-12-04 (recipe v2) add to the first recipe (v1, ``V1`` below) every lever
+The defaults since 2026-12-04 (recipe v2) add to the first recipe (v1, ``V1``) every lever
 that measured ahead of it on average: handwriting-like ``curves`` in the candidate mix, ``mixup``
 (half of each batch blended with another of its images, the labels blended alike),
 ``weight_decay = 5e-4`` and a freshly initialised final student (``final_fresh``) trained for
@@ -165,6 +165,7 @@ class BudgetSettings(Settings):
 
 #: settings added after recipes were named by their key, and the value that changes nothing
 LATER: dict = {"mutate_errors": 0.0, "mutate_same_class": 0.0}
+
 
 def plan_rounds(budget: int, rounds: int, init_fraction: float) -> list[int]:
     """Queries per round: ``init_fraction`` of ``budget`` first, the rest split evenly; every

@@ -104,7 +104,8 @@ def training_plan(student: str, oracle: LabelOracle, budget: int, settings: Budg
                                                         cutmix_p=settings.cutmix_p)
     throwaway = on_device(build_student(student, oracle.num_classes, shape, 0), device)
     pace = seconds_per_step(throwaway, x, oracle.num_classes, settings, torch.device(device))
-    return f"; about {steps:,} training steps, {duration(steps * pace)} here at {pace * 1000:.1f} ms each"
+    return (f"; recipe {settings.recipe}, about {steps:,} training steps, {duration(steps * pace)} here at "
+            f"{pace * 1000:.1f} ms each")
 
 
 def extract_job(teacher: TeacherSpec, student: str, budget: int, out: str | os.PathLike, *,
