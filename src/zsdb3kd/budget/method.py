@@ -101,8 +101,8 @@ class _Run:
     def __init__(self, oracle, arch: str, budget: int, s: BudgetSettings, seed: int, pool, work_dir, device,
                  progress) -> None:
         self.shape = tuple(int(v) for v in oracle.input_shape)
-        self.s, self.seed, self.arch, self.budget = s.for_input(self.shape), int(seed), arch, int(budget)
-        s = self.s
+        s = s.for_input(self.shape)  # recipe "auto" -> the named recipe for these images
+        self.s, self.seed, self.arch, self.budget = s, int(seed), arch, int(budget)
         self.k = int(oracle.num_classes)
         self.device = torch.device(device)
         self.progress = progress
